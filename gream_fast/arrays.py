@@ -1,0 +1,26 @@
+"""Conversions at the numpy/torch boundary: accept either, hand back what the caller gave."""
+import numpy as np
+
+from gream_fast.errors import InvalidInputError
+
+
+def as_int_array(x, name: str, ndim: int | None = None) -> np.ndarray:
+    """An integer numpy array (int64, C-contiguous) from a numpy array, torch tensor or list."""
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise InvalidInputError(
+            f"{name}: expected a {ndim}-D array, got {arr.ndim}-D with shape {list(arr.shape)}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def like(result: np.ndarray, template):
+    """`result` as a torch tensor on the template's device if the template was one."""
+    if hasattr(template, "detach") and hasattr(template, "device"):
+        import torch
+
+        return torch.from_numpy(result).to(template.device)
+    return result

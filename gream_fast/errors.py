@@ -1,0 +1,14 @@
+"""The package's error types. Every bad input raises a GreamError that names the file, line or
+field at fault and what was expected."""
+
+
+class GreamError(Exception):
+    """Base class of every error gream-fast raises for bad input or bad state."""
+
+
+class InvalidInputError(GreamError, ValueError):
+    """An argument, array or record is malformed (wrong shape, value or format)."""
+
+
+class FormatError(GreamError, ValueError):
+    """A file does not have the expected format; the message names the file and the field."""

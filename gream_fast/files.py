@@ -1,0 +1,56 @@
+"""File helpers shared by every stage: atomic writes and safetensors with checked metadata."""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from gream_fast.errors import FormatError
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, so
+    an interrupted or failed write never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_arrays(path, arrays: dict, kind: str, version: int, **meta) -> None:
+    """Write numpy arrays to a safetensors file tagged with its kind and format version."""
+    from safetensors.numpy import save_file
+
+    metadata = {"format": kind, "version": str(version), **{k: str(v) for k, v in meta.items()}}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata=metadata)
+
+
+def load_arrays(path, kind: str, version: int, names) -> tuple[dict, dict]:
+    """Read a file written by save_arrays; checks its kind, version and that `names` are present."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != kind:
+        raise FormatError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {kind!r}")
+    if meta.get("version") != str(version):
+        raise FormatError(
+            f"{path}: metadata 'version' is {meta.get('version')!r}, this build reads {version}")
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise FormatError(f"{path}: missing tensor(s) {missing}")
+    return arrays, meta
