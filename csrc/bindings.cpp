@@ -34,19 +34,22 @@ void check_2d(const I64Array& a, const char* what) {
   }
 }
 
-// Raises IndexError for node ids outside [-1, num_nodes), naming the first bad position.
-void check_nodes(const PrefixTrie& t, const int64_t* nodes, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (nodes[i] < -1 || nodes[i] >= t.num_nodes()) {
-      std::ostringstream m;
-      m << "nodes[" << i << "] = " << nodes[i] << " is not a node id (expected -1 or 0.."
-        << t.num_nodes() - 1 << ")";
-      throw py::index_error(m.str());
-    }
-  }
+// Node ids outside [-1, num_nodes) raise IndexError naming the first bad position. The check
+// rides along in the main loop; the error is raised after it.
+[[noreturn]] void bad_node(const PrefixTrie& t, int64_t i, int64_t node) {
+  std::ostringstream m;
+  m << "nodes[" << i << "] = " << node << " is not a node id (expected -1 or 0.."
+    << t.num_nodes() - 1 << ")";
+  throw py::index_error(m.str());
 }
 
-I32Array walk(const PrefixTrie& t, const I64Array& nodes, const I64Array& tokens) {
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+
+// Batched calls take int32 or int64 arrays as they are (node ids come back from walk as int32
+// and go straight into the next walk: no conversion copy per decode step).
+template <typename N, typename K>
+I32Array walk(const PrefixTrie& t, const Array<N>& nodes, const Array<K>& tokens) {
   if (nodes.size() != tokens.size()) {
     std::ostringstream m;
     m << "nodes and tokens must have the same size, got " << nodes.size() << " and "
@@ -54,28 +57,46 @@ I32Array walk(const PrefixTrie& t, const I64Array& nodes, const I64Array& tokens
     throw std::invalid_argument(m.str());
   }
   const int64_t n = nodes.size();
-  const int64_t* pn = nodes.data();
-  const int64_t* pt = tokens.data();
+  const N* pn = nodes.data();
+  const K* pt = tokens.data();
   I32Array out(std::vector<py::ssize_t>(nodes.shape(), nodes.shape() + nodes.ndim()));
   int32_t* po = out.mutable_data();
+  int64_t bad = -1;
   {
     py::gil_scoped_release nogil;
-    check_nodes(t, pn, n);
-    for (int64_t i = 0; i < n; ++i) po[i] = t.child(static_cast<int32_t>(pn[i]), pt[i]);
+    const int64_t limit = t.num_nodes();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = pn[i];
+      if (v < -1 || v >= limit) {
+        bad = i;
+        break;
+      }
+      po[i] = t.child(static_cast<int32_t>(v), static_cast<int64_t>(pt[i]));
+    }
   }
+  if (bad >= 0) bad_node(t, bad, pn[bad]);
   return out;
 }
 
-I32Array item_of(const PrefixTrie& t, const I64Array& nodes) {
+template <typename N>
+I32Array item_of(const PrefixTrie& t, const Array<N>& nodes) {
   const int64_t n = nodes.size();
-  const int64_t* pn = nodes.data();
+  const N* pn = nodes.data();
   I32Array out(std::vector<py::ssize_t>(nodes.shape(), nodes.shape() + nodes.ndim()));
   int32_t* po = out.mutable_data();
+  int64_t bad = -1;
   {
     py::gil_scoped_release nogil;
-    check_nodes(t, pn, n);
-    for (int64_t i = 0; i < n; ++i) po[i] = t.item_of(static_cast<int32_t>(pn[i]));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = pn[i];
+      if (v < -1 || v >= t.num_nodes()) {
+        bad = i;
+        break;
+      }
+      po[i] = t.item_of(static_cast<int32_t>(v));
+    }
   }
+  if (bad >= 0) bad_node(t, bad, pn[bad]);
   return out;
 }
 
@@ -187,8 +208,16 @@ PYBIND11_MODULE(_trie, m) {
       .def_property_readonly("max_depth", &PrefixTrie::max_depth)
       .def("memory_bytes", &PrefixTrie::memory_bytes)
       .def("allowed", &allowed, py::arg("prefix"))
-      .def("walk", &walk, py::arg("nodes"), py::arg("tokens"))
-      .def("item_of", &item_of, py::arg("nodes"))
+      // Exact dtypes first (no copy); the int64 forcecast overload catches everything else.
+      .def("walk", &walk<int32_t, int32_t>, py::arg("nodes"), py::arg("tokens"))
+      .def("walk", &walk<int32_t, int64_t>, py::arg("nodes"), py::arg("tokens"))
+      .def("walk", &walk<int64_t, int32_t>, py::arg("nodes"), py::arg("tokens"))
+      .def("walk", [](const PrefixTrie& t, const I64Array& n, const I64Array& k) {
+        return walk<int64_t, int64_t>(t, n, k);
+      }, py::arg("nodes"), py::arg("tokens"))
+      .def("item_of", &item_of<int32_t>, py::arg("nodes"))
+      .def("item_of", [](const PrefixTrie& t, const I64Array& n) { return item_of<int64_t>(t, n); },
+           py::arg("nodes"))
       .def("lookup", &lookup, py::arg("seqs"))
       .def("common_prefix", &common_prefix, py::arg("seqs"), py::arg("items"))
       .def("sequences", &sequences)

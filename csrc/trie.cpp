@@ -146,16 +146,6 @@ PrefixTrie::PrefixTrie(const int64_t* seqs, int64_t n, int64_t width) {
     edge_begin_[v + 1] = edge_begin_[v] + num_children[v];
 }
 
-int32_t PrefixTrie::child(int32_t node, int64_t token) const {
-  if (node < 0 || token < 0 || token > std::numeric_limits<int32_t>::max()) return -1;
-  const int32_t* lo = tokens_.data() + edge_begin_[node];
-  const int32_t* hi = tokens_.data() + edge_begin_[node + 1];
-  const int32_t t = static_cast<int32_t>(token);
-  const int32_t* it = std::lower_bound(lo, hi, t);
-  if (it == hi || *it != t) return -1;
-  return static_cast<int32_t>(it - tokens_.data()) + 1;
-}
-
 int32_t PrefixTrie::walk_seq(const int64_t* seq, int64_t len) const {
   int32_t node = 0;
   for (int64_t j = 0; j < len && seq[j] >= 0 && node >= 0; ++j) node = child(node, seq[j]);

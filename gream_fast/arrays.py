@@ -4,8 +4,9 @@ import numpy as np
 from gream_fast.errors import InvalidInputError
 
 
-def as_int_array(x, name: str, ndim: int | None = None) -> np.ndarray:
-    """An integer numpy array (int64, C-contiguous) from a numpy array, torch tensor or list."""
+def as_int_array(x, name: str, ndim: int | None = None, keep_int32: bool = False) -> np.ndarray:
+    """An integer numpy array (int64, C-contiguous) from a numpy array, torch tensor or list.
+    keep_int32 leaves int32 input as it is (hot paths whose C++ side takes both)."""
     if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch.Tensor, without importing torch
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
@@ -14,7 +15,8 @@ def as_int_array(x, name: str, ndim: int | None = None) -> np.ndarray:
     if ndim is not None and arr.ndim != ndim:
         raise InvalidInputError(
             f"{name}: expected a {ndim}-D array, got {arr.ndim}-D with shape {list(arr.shape)}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    dtype = np.int32 if keep_int32 and arr.dtype == np.int32 else np.int64
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def like(result: np.ndarray, template):

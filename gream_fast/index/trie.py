@@ -55,8 +55,8 @@ class PrefixTrie:
     def walk(self, nodes, tokens):
         """One batched step: the child of each node along its token, or -1 (a node of -1 stays
         -1). Same shape as `nodes`; returns a torch tensor if `nodes` was one."""
-        n = as_int_array(nodes, "nodes")
-        t = as_int_array(tokens, "tokens")
+        n = as_int_array(nodes, "nodes", keep_int32=True)
+        t = as_int_array(tokens, "tokens", keep_int32=True)
         if n.shape != t.shape:
             raise InvalidInputError(
                 f"walk: nodes has shape {list(n.shape)} but tokens {list(t.shape)}")
@@ -64,7 +64,7 @@ class PrefixTrie:
 
     def item_of(self, nodes):
         """The item that ends at each node, or -1."""
-        return like(self._call(self._t.item_of, as_int_array(nodes, "nodes")), nodes)
+        return like(self._call(self._t.item_of, as_int_array(nodes, "nodes", keep_int32=True)), nodes)
 
     def lookup(self, seqs):
         """[M, W] token rows -> the item each row spells exactly, or -1. A row ends at its first

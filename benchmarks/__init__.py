@@ -1,0 +1,1 @@
+"""Benchmarks: one script per kernel or engine path, sharing benchmarks/harness.py."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On a lent GPU machine: build and install the package without touching the machine's torch or
+# triton, run the GPU tests and the quick benchmarks, and leave everything under $OUT.
+# Budget: under 5 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONDONTWRITEBYTECODE=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt" || true
+
+# --no-deps/--no-build-isolation: use the machine's torch and pybind11, download nothing.
+python -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 3
+
+# Only the test files that hold GPU tests (the others may need packages this machine lacks).
+files=$(grep -l "mark.gpu" tests/test_*.py)
+python -m pytest -m gpu -q -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest-gpu.txt"
+
+python benchmarks/quick.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
