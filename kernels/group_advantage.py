@@ -134,12 +134,13 @@ def _group_advantage_kernel(
     adv = a_hat + tl.where(n < K, 0.0, bonus)
 
     if HAS_MASK:
+        rows64 = rows.to(tl.int64)  # R * T may pass 2^31 elements
         for t0 in range(0, T, BLOCK_T):
             cols = t0 + tl.arange(0, BLOCK_T)
             tile = valid[:, None] & (cols < T)[None, :]
-            m = tl.load(mask_ptr + rows[:, None] * stride_mask + cols[None, :], mask=tile, other=0)
+            m = tl.load(mask_ptr + rows64[:, None] * stride_mask + cols[None, :], mask=tile, other=0)
             val = tl.where(m != 0, adv[:, None], 0.0)
-            tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], val, mask=tile)
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], val, mask=tile)
     else:
         tl.store(out_ptr + rows, adv, mask=valid)
 
