@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from gream_fast.config import add_fields, from_args
 from gream_fast.errors import GreamError
 
 
@@ -42,9 +43,61 @@ def index_convert(args) -> None:
     print(f"wrote {args.dst} ({index.num_items} items)")
 
 
+def data_prepare(args) -> None:
+    from gream_fast.data.prepare import PrepareConfig, run
+
+    cfg = from_args(PrepareConfig, args)
+    p = run(cfg)
+    s = p.stats
+    print(f"wrote {cfg.out}: {s['num_users']} users, {s['num_items']} items, "
+          f"{s['num_interactions']} interactions (sparsity {s['sparsity']:.4f}; dropped "
+          f"{s['dropped']}; {sum(s['bad_lines'].values())} bad lines skipped) in {s['seconds']} s")
+
+
+def data_synth(args) -> None:
+    import dataclasses
+    import json
+
+    from gream_fast.data.prepare import prepare, write
+    from gream_fast.data.synth import SynthConfig, synthesize, write_amazon2014
+
+    cfg = from_args(SynthConfig, args)
+    raw = synthesize(cfg)
+    if args.as_amazon2014:
+        write_amazon2014(raw, args.out)
+        print(f"wrote Amazon-2014-format files to {args.out} ({len(raw.users)} ratings, "
+              f"{len(raw.meta)} metadata lines; category 'Synthetic')")
+        return
+    p = prepare(raw, args.k_core)
+    p.stats["synth"] = dataclasses.asdict(cfg)
+    write(p, args.out)
+    print(f"wrote {args.out}: {json.dumps({k: p.stats[k] for k in ('num_users', 'num_items', 'num_interactions')})}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gream-fast", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
+
+    from gream_fast.data.prepare import PrepareConfig
+    from gream_fast.data.readers import FORMATS
+    from gream_fast.data.synth import SynthConfig
+
+    data = stages.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="raw logs -> clean k-core sequences + item texts")
+    add_fields(p, PrepareConfig, required=("out",), choices={"format": FORMATS}, help={
+        "input": "folder with the raw files; none with --format recbole: the built-in MovieLens-100K",
+        "category": "Amazon category (Instruments, Beauty, Sports, ... or the full file name); "
+                    "RecBole dataset name when it differs from the folder's",
+        "skip_bad_lines": "count and report malformed lines instead of stopping at the first",
+        "out": "output folder (replaced as a whole when the run succeeds)"})
+    p.set_defaults(run=data_prepare)
+    p = data.add_parser("synth", help="a synthetic dataset with planted structure")
+    add_fields(p, SynthConfig)
+    p.add_argument("--k-core", type=int, default=5)
+    p.add_argument("--as-amazon2014", action="store_true",
+                   help="write raw Amazon 2014 files (ratings CSV + literal metadata) instead")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=data_synth)
 
     index = stages.add_parser("index", help="semantic ID indexes").add_subparsers(
         dest="action", required=True)

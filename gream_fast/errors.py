@@ -12,3 +12,7 @@ class InvalidInputError(GreamError, ValueError):
 
 class FormatError(GreamError, ValueError):
     """A file does not have the expected format; the message names the file and the field."""
+
+
+class DataError(FormatError):
+    """A data file is malformed; the message names the file and line."""
