@@ -41,12 +41,12 @@ class Prepared:
 
 
 def _factorize(values: list) -> tuple[np.ndarray, list]:
-    """Codes (int64) and the distinct values in first-seen order; a dict pass, no sorting of
-    millions of Python strings."""
-    index: dict = {}
-    codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64,
-                        count=len(values))
-    return codes, list(index)
+    """Codes (int64) and the distinct values in first-seen order: hashing at C speed
+    (dict.fromkeys, map), no sorting of millions of Python strings."""
+    distinct = list(dict.fromkeys(values))
+    index = {v: i for i, v in enumerate(distinct)}
+    codes = np.fromiter(map(index.__getitem__, values), dtype=np.int64, count=len(values))
+    return codes, distinct
 
 
 @numba.njit(cache=True)
