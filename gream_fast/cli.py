@@ -74,6 +74,35 @@ def data_synth(args) -> None:
     print(f"wrote {args.out}: {json.dumps({k: p.stats[k] for k in ('num_users', 'num_items', 'num_interactions')})}")
 
 
+def tasks_align(args) -> None:
+    from gream_fast.tasks.align import AlignConfig, run
+
+    rows = run(from_args(AlignConfig, args))
+    print(f"wrote {args.out}: {len(rows)} rows")
+
+
+def tasks_profile(args) -> None:
+    from gream_fast.tasks.profile import ProfileConfig, run
+
+    profiles = run(from_args(ProfileConfig, args))
+    print(f"wrote {len(profiles)} user profiles beside {args.data}"
+          + (" and item_texts.jsonl" if args.items else ""))
+
+
+def tasks_reason(args) -> None:
+    from gream_fast.tasks.reason import ReasonConfig, run
+
+    rows, stats = run(from_args(ReasonConfig, args))
+    print(f"wrote {args.out}: {len(rows)} CoT rows ({stats})")
+
+
+def tasks_mix(args) -> None:
+    from gream_fast.tasks.curriculum import run
+
+    n = run(args.align, args.reason, args.out, args.seed)
+    print(f"wrote {args.out}: {n} rows in curriculum order")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gream-fast", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
@@ -98,6 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write raw Amazon 2014 files (ratings CSV + literal metadata) instead")
     p.add_argument("--out", required=True)
     p.set_defaults(run=data_synth)
+
+    from gream_fast.tasks.align import AlignConfig
+    from gream_fast.tasks.profile import ProfileConfig
+    from gream_fast.tasks.reason import ReasonConfig
+
+    tasks = stages.add_parser("tasks", help="SFT data: alignment, profiles, reasoning, curriculum")
+    tasks = tasks.add_subparsers(dest="action", required=True)
+    p = tasks.add_parser("align", help="the six alignment tasks as chat rows")
+    add_fields(p, AlignConfig, required=("data", "index", "out"), help={
+        "data": "a `data prepare` folder", "index": "index folder or file (.index.json, .safetensors)",
+        "tasks": "comma-separated subset of the six tasks"})
+    p.set_defaults(run=tasks_align)
+    p = tasks.add_parser("profile", help="user preference and intent texts from a teacher")
+    add_fields(p, ProfileConfig, required=("data",), choices={"teacher": ("template", "openai")},
+               help={"teacher": "template (offline) or openai (OPENAI_BASE_URL, OPENAI_API_KEY, "
+                                "GREAM_TEACHER_MODEL)"})
+    p.set_defaults(run=tasks_profile)
+    p = tasks.add_parser("reason", help="CoT samples with three reasoning steps")
+    add_fields(p, ReasonConfig, required=("data", "index", "out"),
+               choices={"teacher": ("template", "openai"), "rewrite": ("copy", "denoise")})
+    p.set_defaults(run=tasks_reason)
+    p = tasks.add_parser("mix", help="the three-part curriculum order of alignment and CoT rows")
+    p.add_argument("--align", required=True)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=tasks_mix)
 
     index = stages.add_parser("index", help="semantic ID indexes").add_subparsers(
         dest="action", required=True)
