@@ -108,7 +108,16 @@ I32Array lookup(const PrefixTrie& t, const I64Array& seqs) {
   int32_t* po = out.mutable_data();
   {
     py::gil_scoped_release nogil;
-    for (int64_t i = 0; i < m; ++i) po[i] = t.item_of(t.walk_seq(ps + i * w, w));
+    for (int64_t i = 0; i < m; ++i) {
+      // Exactly an item: tokens, then only -1 padding. Any other negative value, or a token
+      // after the padding, is not an item.
+      const int64_t* row = ps + i * w;
+      int64_t len = 0;
+      while (len < w && row[len] >= 0) ++len;
+      bool clean = true;
+      for (int64_t j = len; j < w; ++j) clean &= row[j] == -1;
+      po[i] = clean ? t.item_of(t.walk_seq(row, len)) : -1;
+    }
   }
   return out;
 }

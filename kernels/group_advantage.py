@@ -25,13 +25,13 @@ __all__ = ["group_advantage", "group_advantage_reference"]
 # 1. Reference (plain torch, the oracle; float64 inside)
 # ---------------------------------------------------------------------------------------------
 def _binom_ratio(a: torch.Tensor, b: torch.Tensor, m: int) -> torch.Tensor:
-    """C(a, m) / C(b, m) as a product of m factors; 0 where a < m (C(a, m) = 0 then).
-    Where a >= m every factor's denominator is >= 1; the clamp only keeps the discarded
+    """C(a, m) / C(b, m) = prod (a - j) / prod (b - j); 0 where a < m (C(a, m) = 0 then).
+    Where a >= m every factor of the denominator is >= 1; the clamp only keeps the discarded
     lanes free of 0/0."""
-    ratio = torch.ones_like(a)
+    num, den = torch.ones_like(a), torch.ones_like(a)
     for j in range(m):
-        ratio = ratio * (a - j) / (b - j).clamp(min=1)
-    return torch.where(a < m, torch.zeros_like(a), ratio)
+        num, den = num * (a - j), den * (b - j).clamp(min=1)
+    return torch.where(a < m, torch.zeros_like(a), num / den)
 
 
 def group_advantage_reference(rewards, groups, k=4, eps=1e-6, response_mask=None):
@@ -50,10 +50,13 @@ def group_advantage_reference(rewards, groups, k=4, eps=1e-6, response_mask=None
 
     exact = r == 1.0
     c = torch.zeros_like(n).index_add_(0, seg, exact.double())
-    rho = 1 - _binom_ratio(n - c, n, k)
+    # No exact hit: rho = 0 and b- = 0 exactly. Computed, they are rounding residues divided
+    # by sigma + eps ~ 1e-6, so they are set, not computed (the kernel does the same).
+    none = c == 0
+    rho = torch.where(none, 0.0, 1 - _binom_ratio(n - c, n, k)).clamp(0, 1)
     sigma = torch.sqrt(rho * (1 - rho))
     b_plus = (1 - rho) / (sigma + eps)
-    b_minus = (1 - rho - _binom_ratio(n - c - 1, n - 1, k - 1)) / (sigma + eps)
+    b_minus = torch.where(none, 0.0, (1 - rho - _binom_ratio(n - c - 1, n - 1, k - 1)) / (sigma + eps))
     bonus = torch.where(exact, b_plus[seg], b_minus[seg])
     bonus = torch.where((sizes < k)[seg], 0.0, bonus)
 
@@ -71,10 +74,14 @@ def group_advantage_reference(rewards, groups, k=4, eps=1e-6, response_mask=None
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _binom_ratio_tl(a, b, M: tl.constexpr):
-    ratio = tl.full(a.shape, 1.0, tl.float32)
+    # Products first, one division at the end: a single rounding of the (approximate on GPU)
+    # division instead of M of them.
+    num = tl.full(a.shape, 1.0, tl.float32)
+    den = tl.full(a.shape, 1.0, tl.float32)
     for j in tl.static_range(M):
-        ratio = ratio * (a - j) / tl.maximum(b - j, 1.0)
-    return tl.where(a < M, 0.0, ratio)
+        num = num * (a - j)
+        den = den * tl.maximum(b - j, 1.0)
+    return tl.where(a < M, 0.0, num / den)
 
 
 @triton.jit
@@ -126,10 +133,13 @@ def _group_advantage_kernel(
     single = n == 1
     a_hat = tl.where(single, r, r - pivot - mean_d) / (tl.where(single, 1.0, std) + eps)
 
-    rho = 1.0 - _binom_ratio_tl(nf - c, nf, K)
+    none = c == 0.0  # rho = b- = 0 exactly: see the reference
+    rho = tl.where(none, 0.0, 1.0 - _binom_ratio_tl(nf - c, nf, K))
+    rho = tl.minimum(tl.maximum(rho, 0.0), 1.0)
     sigma = tl.sqrt(rho * (1.0 - rho))
     b_plus = (1.0 - rho) / (sigma + eps)
-    b_minus = (1.0 - rho - _binom_ratio_tl(nf - c - 1.0, nf - 1.0, K - 1)) / (sigma + eps)
+    b_minus = tl.where(none, 0.0,
+                       (1.0 - rho - _binom_ratio_tl(nf - c - 1.0, nf - 1.0, K - 1)) / (sigma + eps))
     bonus = tl.where(r == 1.0, b_plus, b_minus)
     adv = a_hat + tl.where(n < K, 0.0, bonus)
 
@@ -188,7 +198,8 @@ def _check(rewards, groups, k, response_mask):
         raise InvalidInputError(
             f"response_mask: expected shape [{rewards.shape[0]}, T] on {rewards.device}, got "
             f"{list(response_mask.shape)} on {response_mask.device}")
-    # One host sync for both data checks; the details are only worked out on failure.
+    # Both data checks come back in one transfer (torch.unique syncs on CUDA too); the details
+    # are only worked out on failure.
     breaks = (groups[1:] != groups[:-1]).sum() + 1
     finite_ok, contiguous_ok = torch.stack(
         [torch.isfinite(rewards).all(), breaks == torch.unique(groups).numel()]).tolist()

@@ -162,6 +162,27 @@ def test_bad_inputs():
         group_advantage(r, torch.zeros(6, dtype=torch.long), response_mask=torch.ones(5, 3))
 
 
+def test_no_exact_hit_gives_no_bonus_at_any_group_size():
+    # c = 0: rho and b- are exactly 0; a rounding residue here is amplified by 1 / eps
+    sizes = [4, 10, 41, 47, 55, 61, 64]  # 41..61: where a computed rho used to be 6e-8, not 0
+    r, g = ragged(sizes, seed=8)
+    r = torch.where(r == 1.0, torch.tensor(0.95), r)
+    a_hat = torch.cat([(x - x.mean()) / (x.std() + 1e-6) for x in r.double().split(sizes)])
+    torch.testing.assert_close(group_advantage(r, g), a_hat.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(group_advantage_reference(r, g), a_hat.float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_no_exact_hit_and_large_groups():
+    sizes = list(range(1, 130))
+    r, g = ragged(sizes, seed=9)
+    r_none = torch.where(r == 1.0, torch.tensor(0.5), r)
+    for rr in (r, r_none):
+        got = group_advantage(rr.cuda(), g.cuda()).cpu()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, group_advantage_reference(rr, g), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_reference():
     for seed in range(3):

@@ -18,6 +18,10 @@ KERNELS = [
       "R": "i32", "T": "i32", "stride_mask": "i32", "stride_out": "i32", "eps": "fp32"},
      [{"K": 4, "HAS_MASK": False, "BLOCK_R": 128, "BLOCK_T": 64},
       {"K": 1, "HAS_MASK": True, "BLOCK_R": 128, "BLOCK_T": 64}]),
+    ("gream_fast.kernels.group_advantage", "_group_advantage_kernel",  # bf16 rewards, int32 ids
+     {"rewards_ptr": "*bf16", "groups_ptr": "*i32", "mask_ptr": "*fp32", "out_ptr": "*fp32",
+      "R": "i32", "T": "i32", "stride_mask": "i32", "stride_out": "i32", "eps": "fp32"},
+     [{"K": 4, "HAS_MASK": True, "BLOCK_R": 128, "BLOCK_T": 64}]),
 ]
 
 SCRIPT = """
@@ -36,7 +40,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("spec", KERNELS, ids=[k[1] for k in KERNELS])
+@pytest.mark.parametrize("spec", KERNELS, ids=[f"{k[1]}-{k[2]['rewards_ptr']}" for k in KERNELS])
 def test_compiles_for_sm90(spec):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(spec)], env=env,

@@ -26,13 +26,12 @@ def test_levels_of_the_residual_sensitive_reward(index_and_trie):
         row[cut:] = np.where(row[cut:] >= 0, row[cut:] + 7, -1)
     reward, match = sid_reward(pred, targets, trie)
     assert reward.dtype == np.float32 and match.dtype == np.int32
-    lookup = trie.lookup(pred)
-    for p, t, r, m, found in zip(pred, targets, reward, match, lookup):
+    for p, t, r, m in zip(pred, targets, reward, match):
         l = 0
         while l < seqs.shape[1] and p[l] == seqs[t][l] and p[l] >= 0:
             l += 1
         assert m == l
-        want = 1.0 if found == t else [0.0, 0.5, 0.707, 0.866, 0.95][min(l, 4)]
+        want = 1.0 if np.array_equal(p, seqs[t]) else [0.0, 0.5, 0.707, 0.866, 0.95][min(l, 4)]
         assert r == pytest.approx(want)
     assert (reward == 1.0).any() and (reward == 0.0).any() and (reward == 0.95).any()
 
@@ -63,3 +62,20 @@ def test_bad_input(index_and_trie):
         sid_reward(seqs[:3], np.array([0, 1]), trie)
     with pytest.raises(GreamError, match=r"items\[1\] = 100000 is not an item id"):
         sid_reward(seqs[:2], np.array([0, 100000]), trie)
+
+
+def test_eos_ends_a_prediction(index_and_trie):
+    _, seqs, trie = index_and_trie
+    eos = 99
+    row = seqs[[3]].copy()
+    n = int((row[0] >= 0).sum())
+    gen = np.full((1, n + 3), -1)
+    gen[0, :n] = row[0, :n]
+    gen[0, n] = eos
+    gen[0, n + 1] = 1000  # whatever follows EOS is ignored
+    assert sid_reward(gen, np.array([3]), trie, eos_token_id=eos)[0].tolist() == [1.0]
+    assert sid_reward(gen, np.array([3]), trie)[0].tolist() != [1.0]  # EOS read as a token
+    early = gen.copy()
+    early[0, 2] = eos  # EOS after two tokens: a partial match
+    reward, match = sid_reward(early, np.array([3]), trie, eos_token_id=eos)
+    assert match.tolist() == [2] and reward.tolist() == [pytest.approx(0.707)]

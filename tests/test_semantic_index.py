@@ -64,15 +64,14 @@ def test_index_json_round_trip(tmp_path):
 
 def test_reads_reference_style_file(tmp_path):
     # As the reference writes it: 1-based codes, letters per level, a collision level on some.
-    data = {"0": ["<|a_12|>", "<|b_3|>", "<|c_256|>", "<|d_1|>"],
+    data = {"0": ["<|a_12|>", "<|b_3|>", "<|c_256|>", "<|d_2|>"],
             "1": ["<|a_12|>", "<|b_3|>", "<|c_256|>", "<|d_1|>", "<|e_1|>"],
             "2": ["<|a_12|>", "<|b_3|>", "<|c_256|>", "<|d_1|>", "<|e_2|>"]}
-    # item 0 is a prefix of items 1 and 2: odd, but representable
     path = tmp_path / "x.index.json"
     path.write_text(json.dumps(data, indent=2))
     index = SemanticIndex.from_index_json(path)
     assert index.num_levels == 4 and index.codebook_size == 256
-    assert index.codes[0].tolist() == [11, 2, 255, 0]
+    assert index.codes[0].tolist() == [11, 2, 255, 1]
     assert index.extra.tolist() == [-1, 0, 1]
     assert [index.sid(i) for i in range(3)] == [data[str(i)] for i in range(3)]
 
@@ -80,17 +79,29 @@ def test_reads_reference_style_file(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"0": ["<|a_1|>"], "2": ["<|a_2|>"]}, "key '2': expected item ids 0..1"),
     ({"0": ["<|a_1|>", "<|c_1|>"]}, r"item \"0\", token 1: '<\|c_1\|>' is not '<\|b_N\|>'"),
-    ({"0": ["<|a_0|>"]}, "N >= 1"),
-    ({"0": []}, "non-empty list"),
+    ({"0": ["<|a_0|>"]}, "with 1 <= N"),
+    ({"0": []}, "expected a list of 1 to 25 tokens"),
     ({"0": ["<|a_1|>"], "1": ["<|a_1|>", "<|b_1|>", "<|c_1|>"]}, "has 3 tokens; expected 1 or 2"),
     ({"0": ["<|a_1|>", "<|b_2|>"], "1": ["<|a_1|>", "<|b_2|>"]}, "items 0 and 1 have the same SID"),
     ([1, 2], "expected a non-empty object"),
+    ({"0": ["<|a_1|>", "<|b_1|>"], "1": ["<|a_1|>", "<|b_1|>", "<|c_1|>"]},
+     "items 0 and 1 share the codes .* item 0 has no collision level"),
+    ({"0": ["<|a_1|>"], "\u00b2": ["<|a_2|>"]}, "expected item ids 0..1"),
+    ({"0": [f"<|{chr(97 + j)}_1|>" for j in range(26)]}, "expected a list of 1 to 25 tokens"),
+    ({"0": ["<|a_99999999999999999999999|>"]}, "1 <= N < 10"),
 ])
 def test_bad_index_json(tmp_path, data, message):
     path = tmp_path / "bad.index.json"
     path.write_text(json.dumps(data))
     with pytest.raises(GreamError, match=message):
         SemanticIndex.from_index_json(path)
+
+
+def test_unreadable_path(tmp_path):
+    with pytest.raises(GreamError, match="cannot read"):
+        SemanticIndex.from_index_json(tmp_path)
+    with pytest.raises(GreamError, match="cannot read"):
+        SemanticIndex.from_index_json(tmp_path / "missing.index.json")
 
 
 def test_bad_json_syntax(tmp_path):

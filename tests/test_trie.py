@@ -96,6 +96,34 @@ def test_matches_python_model(rows, data):
     assert np.array_equal(trie.sequences(), pad(rows))
 
 
+# Sparse tokens over a wide range: children rarely fill a token range, so walks take the
+# binary-search path (small alphabets above mostly take the direct-index one).
+SPARSE = [0, 3, 4, 97, 1000, 65_535, 65_536, 2**31 - 2, 2**31 - 1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.lists(st.sampled_from(SPARSE), min_size=1, max_size=5).map(tuple),
+                     min_size=1, max_size=30, unique=True),
+       probes=st.lists(st.sampled_from(SPARSE + [1, 5, 96, 2**31 - 3]), min_size=1, max_size=5))
+def test_sparse_tokens(rows, probes):
+    trie, model = PrefixTrie(pad(rows)), Model(rows)
+    for p in {tuple(r[:d]) for r in rows for d in range(len(r) + 1)}:
+        assert trie.allowed(np.array(p, dtype=np.int64)).tolist() == model.allowed(p)
+        node = trie.lookup(pad([list(p)], width=6)) if p else None
+        nodes = np.zeros(1, np.int64)
+        for t in p:
+            nodes = trie.walk(nodes, np.array([t]))
+        out = trie.walk(np.repeat(nodes, len(probes)), np.array(probes))
+        for t, child in zip(probes, out.tolist()):
+            assert (child >= 0) == model.is_node(p + (t,))
+
+
+def test_lookup_needs_exact_rows():
+    trie = PrefixTrie(pad([(1, 2), (1,)]))
+    rows = np.array([[1, 2, -1], [1, -1, -1], [1, -1, 2], [1, -5, -1], [-1, -1, -1]])
+    assert trie.lookup(rows).tolist() == [0, 1, -1, -1, -1]
+
+
 def test_csr_arrays_describe_the_trie():
     rows = [(3, 1), (3, 2, 7), (3, 2), (0,), (5, 5, 5)]
     trie = PrefixTrie(pad(rows))

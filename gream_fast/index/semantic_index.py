@@ -59,6 +59,15 @@ class SemanticIndex:
             raise InvalidInputError(
                 f"items {items[0]} and {items[1]} have the same SID "
                 f"{[sid_token(l, c) for l, c in enumerate(sids[items[0]].tolist()) if c >= 0]}")
+        group, counts = _group_rows(codes)
+        bare = np.flatnonzero((counts[group] > 1) & (extra < 0))
+        if len(bare):
+            i = bare[0]
+            other = np.flatnonzero(group == group[i])
+            other = other[other != i][0]
+            raise InvalidInputError(
+                f"items {i} and {other} share the codes {codes[i].tolist()} but item {i} has no "
+                "collision level: its SID would be a prefix of the other's")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -154,8 +163,8 @@ class SemanticIndex:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such file") from None
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or not data:
@@ -163,17 +172,19 @@ class SemanticIndex:
         n = len(data)
         rows: list = [None] * n
         for key, toks in data.items():
-            if not (isinstance(key, str) and key.isdigit() and int(key) < n and str(int(key)) == key):
+            if not (key.isascii() and key.isdigit() and int(key) < n and str(int(key)) == key):
                 raise FormatError(f"{path}: key {key!r}: expected item ids 0..{n - 1}")
-            if not isinstance(toks, list) or not toks:
-                raise FormatError(f"{path}: item \"{key}\": expected a non-empty list of tokens")
+            if not isinstance(toks, list) or not 0 < len(toks) < len(LEVEL_LETTERS):
+                raise FormatError(f"{path}: item \"{key}\": expected a list of 1 to "
+                                  f"{len(LEVEL_LETTERS) - 1} tokens")
             row = []
             for j, tok in enumerate(toks):
                 m = _TOKEN.match(tok) if isinstance(tok, str) else None
-                if m is None or m.group(1) != LEVEL_LETTERS[j] or int(m.group(2)) < 1:
+                if (m is None or m.group(1) != LEVEL_LETTERS[j] or len(m.group(2)) > 9
+                        or int(m.group(2)) < 1):
                     raise FormatError(
                         f"{path}: item \"{key}\", token {j}: {tok!r} is not "
-                        f"'<|{LEVEL_LETTERS[j]}_N|>' with N >= 1")
+                        f"'<|{LEVEL_LETTERS[j]}_N|>' with 1 <= N < 10^9")
                 row.append(int(m.group(2)) - 1)
             rows[int(key)] = row
         levels = min(len(r) for r in rows)

@@ -67,8 +67,9 @@ class PrefixTrie:
         return like(self._call(self._t.item_of, as_int_array(nodes, "nodes", keep_int32=True)), nodes)
 
     def lookup(self, seqs):
-        """[M, W] token rows -> the item each row spells exactly, or -1. A row ends at its first
-        negative token (padding)."""
+        """[M, W] token rows -> the item each row spells exactly, or -1. A row is its tokens
+        followed only by -1 padding; any other negative value, or a token after the padding,
+        makes it no item."""
         return like(self._t.lookup(as_int_array(seqs, "seqs", ndim=2)), seqs)
 
     def common_prefix(self, seqs, items):

@@ -13,15 +13,19 @@ EXACT_REWARD = 1.0
 PARTIAL_REWARDS = (0.0, 0.5, 0.707, 0.866, 0.95)  # by matched prefix length l; l >= 4 -> last
 
 
-def sid_reward(pred_tokens, target_items, trie: PrefixTrie):
+def sid_reward(pred_tokens, target_items, trie: PrefixTrie, eos_token_id: int | None = None):
     """Reward per prediction and its match length.
 
-    pred_tokens: int [R, W], predicted SID token ids (-1 padding; a row ends at its first
-    negative token); target_items: int [R] item ids. Returns (reward float32 [R], match int32
-    [R]) where match is the number of leading tokens shared with the target's SID; torch tensors
-    on the input's device when pred_tokens is a tensor.
+    pred_tokens: int [R, W], predicted SID token ids, -1 padding at the end (a generated
+    response may end with eos_token_id: it and what follows count as padding);
+    target_items: int [R] item ids. Returns (reward float32 [R], match int32 [R]) where match
+    is the number of leading tokens shared with the target's SID; torch tensors on the input's
+    device when pred_tokens is a tensor.
     """
     pred = as_int_array(pred_tokens, "pred_tokens", ndim=2)
+    if eos_token_id is not None:
+        ended = np.cumsum(pred == eos_token_id, axis=1) > 0
+        pred = np.where(ended, -1, pred)
     target = as_int_array(target_items, "target_items", ndim=1)
     if len(target) != len(pred):
         raise InvalidInputError(
