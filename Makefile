@@ -27,11 +27,14 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
+	$(VENV)/bin/gream-fast data prepare --out runs/demo/ml-100k
+	$(VENV)/bin/gream-fast tasks profile --data runs/demo/ml-100k
 	$(PY) benchmarks/quick.py
 
 bench: install
 	$(PY) benchmarks/bench_trie.py
 	$(PY) benchmarks/bench_advantage.py
+	$(PY) benchmarks/bench_data.py
 
 clean:
 	rm -rf build *.egg-info gream_fast/_trie*.so $(VENV)/.built

@@ -276,3 +276,24 @@ def test_bad_arguments():
         ChatClient("http://x/v1", "m", extra_body={"model": "y"})
     with pytest.raises(InvalidInputError, match=r"requests\[1\]"):
         ChatClient("http://x/v1", "m").complete_many([msgs("a"), "oops"], progress=False)
+
+
+def test_openai_teacher_profiles_through_the_cli(server, tmp_path, monkeypatch):
+    """`gream-fast tasks profile --teacher openai` end to end against the local server; a second
+    run is served from the cache beside the dataset."""
+    from gream_fast.cli import main
+    from gream_fast.data.prepare import prepare, write
+    from gream_fast.data.synth import SynthConfig, synthesize
+
+    data = tmp_path / "data"
+    write(prepare(synthesize(SynthConfig(users=40, items=30, seed=3))), data)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("GREAM_TEACHER_MODEL", "teacher-model")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert main(["tasks", "profile", "--data", str(data), "--teacher", "openai"]) == 0
+    profiles = [json.loads(l) for l in (data / "profiles.jsonl").read_text().splitlines()]
+    assert profiles and all(p["preference"].endswith("|t=0.0") for p in profiles)
+    sent = len(server.succeeded)
+    assert 0 < sent <= 2 * len(profiles)  # a preference and an intent per user, repeats sent once
+    assert main(["tasks", "profile", "--data", str(data), "--teacher", "openai"]) == 0
+    assert len(server.succeeded) == sent  # all from the cache
