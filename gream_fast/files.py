@@ -5,7 +5,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gream_fast.errors import FormatError
+from gream_fast.errors import DataError, FormatError
 
 
 def _umask() -> int:
@@ -84,3 +84,31 @@ def load_arrays(path, kind: str, version: int, names) -> tuple[dict, dict]:
     if missing:
         raise FormatError(f"{path}: missing tensor(s) {missing}")
     return arrays, meta
+
+
+def iter_jsonl(path):
+    """(line number, raw line, parsed value) for each non-blank line of a JSONL file; a line
+    that is not JSON raises a DataError naming the file and line."""
+    import json
+
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, line.rstrip("\n"), json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path) -> list:
+    return [value for _, _, value in iter_jsonl(path)]
+
+
+def write_jsonl(path, rows) -> None:
+    """Rows (dicts, or already-serialised lines) to a JSONL file, atomically."""
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")

@@ -7,6 +7,7 @@ import numba
 import numpy as np
 
 from gream_fast.errors import DataError, InvalidInputError
+from gream_fast.files import read_jsonl
 
 
 @dataclass
@@ -80,8 +81,8 @@ class Dataset:
         for name in ("items.jsonl", "sequences.jsonl"):
             if not (d / name).is_file():
                 raise InvalidInputError(f"{d}: no {name} (is this a `gream-fast data prepare` folder?)")
-        items = _read_jsonl(d / "items.jsonl")
-        sequences = _read_jsonl(d / "sequences.jsonl")
+        items = read_jsonl(d / "items.jsonl")
+        sequences = read_jsonl(d / "sequences.jsonl")
         stats = json.loads((d / "stats.json").read_text()) if (d / "stats.json").exists() else {}
         for n, rec in enumerate(items, 1):
             if rec.get("id") != n - 1:
@@ -107,7 +108,7 @@ class Dataset:
     def reviews(self) -> list:
         """Training-interaction reviews, when the source had them."""
         path = self.path and Path(self.path) / "reviews.jsonl"
-        return _read_jsonl(path) if path and path.exists() else []
+        return read_jsonl(path) if path and path.exists() else []
 
     def train_sequence(self, user: int) -> list:
         """The user's training items: the sequence without its last two (valid, test)."""
@@ -135,15 +136,3 @@ class Dataset:
         test = _windows(self.offsets, self.flat_items, lens - 1, lens, h)
         return Split(Examples(*train), Examples(*valid), Examples(*test))
 
-
-def _read_jsonl(path) -> list:
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows

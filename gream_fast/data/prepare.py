@@ -13,7 +13,7 @@ import numpy as np
 
 from gream_fast.data.readers import BadLines, RawData, read
 from gream_fast.errors import InvalidInputError
-from gream_fast.files import atomic_dir
+from gream_fast.files import atomic_dir, write_jsonl
 
 
 @dataclass
@@ -140,17 +140,11 @@ def prepare(raw: RawData, k_core: int = 5) -> Prepared:
     return Prepared(user_raw, item_raw, records, offsets, items, times, stats)
 
 
-def _jsonl(path, rows) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def write(p: Prepared, out, raw: RawData | None = None, config: PrepareConfig | None = None) -> None:
     """Write the dataset folder atomically: all files appear together or not at all."""
     with atomic_dir(out) as d:
-        _jsonl(d / "items.jsonl", p.items)
-        _jsonl(d / "sequences.jsonl", (
+        write_jsonl(d / "items.jsonl", p.items)
+        write_jsonl(d / "sequences.jsonl", (
             {"user": p.user_raw[u], "user_id": u,
              "items": p.seq_items[p.offsets[u]:p.offsets[u + 1]].tolist(),
              "times": _times(p.seq_times[p.offsets[u]:p.offsets[u + 1]])}

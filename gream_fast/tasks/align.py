@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
-from gream_fast.errors import InvalidInputError
-from gream_fast.files import atomic_path
+from gream_fast.errors import DataError, InvalidInputError
+from gream_fast.files import iter_jsonl, write_jsonl
 from gream_fast.tasks.context import TaskContext, load_index, rng_for
 from gream_fast.tasks.templates import SYSTEM_PROMPT, TEMPLATES
 
@@ -41,13 +41,11 @@ def load_profiles(directory) -> dict:
         raise InvalidInputError(f"{path}: no user profiles; itemsearch and preferenceobtain need "
                                 f"them: run `gream-fast tasks profile --data {directory}` first")
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-                out[int(rec["user_id"])] = rec
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise InvalidInputError(f"{path}:{n}: not a profile record ({e})") from None
+    for n, _, rec in iter_jsonl(path):
+        try:
+            out[int(rec["user_id"])] = rec
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}:{n}: not a profile record (missing or bad {e})") from None
     return out
 
 
@@ -129,12 +127,6 @@ class AlignmentBuilder:
 def _needs(template) -> list:
     fields = [f for _, f, _, _ in string.Formatter().parse(template.prompt) if f]
     return fields + (["title", "description"] if template.response == "both" else [template.response])
-
-
-def write_jsonl(path, rows) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def run(cfg: AlignConfig) -> list:

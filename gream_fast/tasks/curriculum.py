@@ -43,30 +43,20 @@ def mix(align: list, reason: list, seed: int = 0) -> list:
 def read_rows(path) -> list:
     """Rows of a JSONL file as their raw lines (mixing only reorders them), each checked to be
     a JSON object with messages."""
-    import json
-
     from gream_fast.errors import DataError
+    from gream_fast.files import iter_jsonl
 
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ok = isinstance(json.loads(line).get("messages"), list)
-            except (json.JSONDecodeError, AttributeError):
-                ok = False
-            if not ok:
-                raise DataError(f"{path}:{n}: expected a JSON row with a 'messages' list")
-            rows.append(line.rstrip("\n"))
+    for n, line, value in iter_jsonl(path):
+        if not (isinstance(value, dict) and isinstance(value.get("messages"), list)):
+            raise DataError(f"{path}:{n}: expected a JSON row with a 'messages' list")
+        rows.append(line)
     return rows
 
 
 def run(align_path, reason_path, out, seed: int = 0) -> int:
-    from gream_fast.files import atomic_path
+    from gream_fast.files import write_jsonl
 
     rows = mix(read_rows(align_path), read_rows(reason_path), seed)
-    with atomic_path(out) as tmp, open(tmp, "w") as f:
-        for line in rows:
-            f.write(line + "\n")
+    write_jsonl(out, rows)
     return len(rows)

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
-from gream_fast.tasks.align import PROFILES, write_jsonl
+from gream_fast.files import write_jsonl
+from gream_fast.tasks.align import PROFILES
 from gream_fast.tasks.context import TaskContext
 from gream_fast.tasks.teacher import make_teacher
 

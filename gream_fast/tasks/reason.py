@@ -7,7 +7,8 @@ from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import InvalidInputError
-from gream_fast.tasks.align import row, write_jsonl
+from gream_fast.files import write_jsonl
+from gream_fast.tasks.align import row
 from gream_fast.tasks.context import HISTORY_SEP, TaskContext, load_index, rng_for
 from gream_fast.tasks.teacher import RECENCY, make_teacher
 
