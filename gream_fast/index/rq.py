@@ -1,0 +1,232 @@
+"""RQ-KMeans (METHOD.md section 2): per level, k-means++ then Lloyd iterations on the residuals,
+optionally balanced so every cluster holds n//K - 1 .. n//K + 1 items (the reference's
+constraint), then subtract the centroids and go down a level.
+
+Balanced assignment, on the data's own device: the capacity constraints are relaxed with one
+price per cluster (a Lagrange multiplier): points go to argmin distance + price (the fused
+assign kernel with a bias), and crowded clusters get dearer, empty ones cheaper, for a few
+rounds (dual ascent; prices carry over between Lloyd iterations, so later iterations need one
+or two rounds). Prices bring the sizes close; an exact greedy repair then moves the points
+whose move costs the least squared distance until every size is inside the bounds. It reaches
+the bounds exactly, like the reference's min-cost flow, at the price of matrix products
+instead of an n^2 solver.
+"""
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import torch
+
+from gream_fast.errors import InvalidInputError
+from gream_fast.kernels.residual_quant import assign, centroid_update
+
+
+@dataclass
+class RQResult:
+    codes: torch.Tensor  # [N, L] int64, 0-based
+    codebooks: torch.Tensor  # [L, K, D] float32
+    stats: list = field(default_factory=list)  # per level: sse, mse, iters, min/max size
+    collisions: int = 0  # items sharing all L codes with another (they get a collision level)
+
+    def to_index(self):
+        from gream_fast.index.semantic_index import SemanticIndex
+
+        return SemanticIndex.from_codes(self.codes.cpu().numpy(), self.codebooks.shape[1])
+
+
+def _generator(seed: int) -> torch.Generator:
+    # a CPU generator whatever the device: the same seed picks the same points on CPU and GPU
+    return torch.Generator().manual_seed(int(seed))
+
+
+def kmeans_pp(x: torch.Tensor, k: int, seed: int = 0, sample: int = 64) -> torch.Tensor:
+    """k-means++ initial centroids [k, D] (float32): each next centroid drawn with probability
+    proportional to the squared distance to the nearest one chosen so far. It is sequential in
+    k, so it runs on a random subset of sample * k points (Lloyd refines from there)."""
+    g = _generator(seed)
+    if x.shape[0] > sample * k:
+        x = x[torch.randperm(x.shape[0], generator=g)[: sample * k].to(x.device)]
+    n = x.shape[0]
+    xf = x.float()
+    xn = (xf * xf).sum(1)
+    chosen = [int(torch.randint(n, (1,), generator=g))]
+    d = (xn - 2 * xf @ xf[chosen[0]] + xn[chosen[0]]).clamp(min=0)
+    for _ in range(1, k):
+        total = float(d.sum())
+        if total > 0:
+            i = int(torch.multinomial((d / total).cpu(), 1, generator=g))
+        else:  # fewer distinct points than k: any point will do
+            i = int(torch.randint(n, (1,), generator=g))
+        chosen.append(i)
+        d = torch.minimum(d, (xn - 2 * xf @ xf[i] + xn[i]).clamp(min=0))
+    return xf[chosen].clone()
+
+
+def size_bounds(n: int, k: int) -> tuple[int, int]:
+    """The reference's balance constraint: sizes within [max(1, n//k - 1), n//k + 1]."""
+    return max(1, n // k - 1), n // k + 1
+
+
+@numba.njit(cache=True)
+def _apply_moves(points, src, dst, a, counts, lo, hi):
+    """Walk candidate moves (cheapest first); take a move when it fixes a bound violation and
+    breaks none. Returns how many were taken."""
+    taken = 0
+    for m in range(points.size):
+        i, s, t = points[m], src[m], dst[m]
+        if a[i] != s or counts[s] - 1 < lo or counts[t] + 1 > hi:
+            continue
+        if counts[s] <= hi and counts[t] >= lo:
+            continue  # fixes nothing
+        a[i] = t
+        counts[s] -= 1
+        counts[t] += 1
+        taken += 1
+    return taken
+
+
+def _sq_dist(x, c):
+    x = x.float()
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
+
+
+def _repair(x, c, a, lo, hi):
+    """Exact greedy repair of the sizes: move points out of clusters above hi and into clusters
+    below lo, cheapest extra squared distance first, until all sizes are within [lo, hi]."""
+    k = c.shape[0]
+    a_np = a.cpu().numpy().copy()
+    counts = np.bincount(a_np, minlength=k).astype(np.int64)
+    own = ((x.float() - c[a]) ** 2).sum(1)  # each point's cost where it is now
+    while counts.max() > hi or counts.min() < lo:
+        cand_p, cand_s, cand_t, cand_cost = [], [], [], []
+        a_t = torch.from_numpy(a_np).to(x.device)
+        over = torch.from_numpy(counts > hi).to(x.device)
+        if over.any():  # members of crowded clusters -> their cheapest cluster with room
+            # only the members farthest from their centroid, a few times the excess per
+            # cluster: the likely cheapest to move, and far fewer distances to compute
+            excess = torch.from_numpy(np.maximum(counts - hi, 0)).to(x.device)
+            pts = torch.nonzero(over[a_t]).flatten()
+            order = torch.argsort(own[pts], descending=True, stable=True)
+            order = order[torch.argsort(a_t[pts][order], stable=True)]
+            pts = pts[order]
+            src = a_t[pts]
+            first = torch.searchsorted(src, src, right=False)
+            rank = torch.arange(len(pts), device=x.device) - first
+            pts = pts[rank < 4 * excess[src] + 8]
+            d = _sq_dist(x[pts], c)
+            cur = own[pts]
+            room = torch.from_numpy(counts < hi).to(x.device)
+            d[:, ~room] = float("inf")
+            best, t = d.min(1)
+            cand_p.append(pts), cand_s.append(a_t[pts]), cand_t.append(t), cand_cost.append(best - cur)
+        under = torch.from_numpy(counts < lo).to(x.device)
+        if under.any():  # points of clusters that can spare one -> the cheapest short cluster
+            donors = torch.nonzero(torch.from_numpy(counts > lo).to(x.device)[a_t]).flatten()
+            short = torch.nonzero(under).flatten()
+            d = _sq_dist(x[donors], c[short])
+            cur = own[donors]
+            best, j = d.min(1)
+            cand_p.append(donors), cand_s.append(a_t[donors]), cand_t.append(short[j])
+            cand_cost.append(best - cur)
+        cost = torch.cat(cand_cost)
+        order = torch.argsort(cost, stable=True)
+        moves = [torch.cat(v)[order].cpu().numpy() for v in (cand_p, cand_s, cand_t)]
+        before = a_np.copy()
+        if _apply_moves(*moves, a_np, counts, lo, hi) == 0:
+            raise RuntimeError("balanced repair made no progress")  # cannot happen: see bounds
+        moved = torch.from_numpy(np.flatnonzero(before != a_np)).to(x.device)
+        own[moved] = ((x[moved].float() - c[torch.from_numpy(a_np).to(x.device)[moved]]) ** 2).sum(1)
+    return torch.from_numpy(a_np).to(a.device)
+
+
+def balanced_assign(x, c, prices=None, rounds: int = 6, allow_tf32: bool = False):
+    """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices)."""
+    n, k = x.shape[0], c.shape[0]
+    lo, hi = size_bounds(n, k)
+    prices = torch.zeros(k, device=x.device) if prices is None else prices
+    target = n / k
+    a, d = assign(x, c, prices, allow_tf32)
+    # Price step: scaled to the typical distance so it means the same at any scale; halved
+    # whenever the imbalance grows (the sign that prices overshoot).
+    step = 0.5 * float(d.mean()) / max(target, 1.0) ** 0.5
+    best = (float("inf"), a, prices)
+    for _ in range(rounds):
+        counts = torch.bincount(a, minlength=k)
+        if int(counts.max()) <= hi and int(counts.min()) >= lo:
+            return a, prices
+        off = float((counts - target).abs().sum())
+        if off < best[0]:
+            best = (off, a, prices)
+        else:
+            step *= 0.5
+        prices = prices + step * (counts.float() - target) / target
+        a, d = assign(x, c, prices, allow_tf32)
+    _, a, prices = best
+    return _repair(x, c.float(), a, lo, hi), prices
+
+
+def kmeans(x: torch.Tensor, k: int, balanced: bool = True, iters: int = 20,
+           init: torch.Tensor | None = None, seed: int = 0, tol: float = 0.0,
+           allow_tf32: bool | None = None):
+    """One level: (codes int64 [N], centroids float32 [k, D], stats). Lloyd iterations from
+    k-means++ (or `init`) until fewer than tol * N points change cluster, or `iters`. The
+    returned centroids are the means of the returned clusters."""
+    n = x.shape[0]
+    if x.dim() != 2 or n == 0:
+        raise InvalidInputError(f"x: expected [N, D] with N > 0, got {list(x.shape)}")
+    if not 1 <= k:
+        raise InvalidInputError(f"k: expected >= 1, got {k}")
+    if balanced and n < k:
+        raise InvalidInputError(f"balanced k-means needs at least k={k} points, got {n}")
+    if not torch.isfinite(x).all():
+        raise InvalidInputError("x holds NaN or infinite values")
+    tf32 = x.is_cuda if allow_tf32 is None else allow_tf32
+    c = kmeans_pp(x, k, seed) if init is None else init.float().to(x.device).clone()
+    prices, prev, it = None, None, 0
+    for it in range(1, iters + 1):
+        if balanced:
+            a, prices = balanced_assign(x, c, prices, allow_tf32=tf32)
+        else:
+            a, _ = assign(x, c, allow_tf32=tf32)
+        sums, counts = centroid_update(x, a, k)
+        c = _update(c, sums, counts, x, a)
+        changed = n if prev is None else int((a != prev).sum())
+        prev = a
+        if changed <= tol * n:
+            break
+    sums, counts = centroid_update(x, prev, k)
+    xf = x.float()
+    sse = float((xf * xf).sum() - ((sums * sums).sum(1) / counts.clamp(min=1)).sum())
+    return prev, c, {"sse": max(sse, 0.0), "iters": it, "min_size": int(counts.min()),
+                     "max_size": int(counts.max())}
+
+
+def _update(c, sums, counts, x, a):
+    """New centroids: cluster means; an empty cluster is re-seeded at the point farthest from
+    its centroid (it then takes that point at the next assignment)."""
+    new = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+    empty = torch.nonzero(counts == 0).flatten()
+    if len(empty):
+        far = ((x.float() - new[a]) ** 2).sum(1)
+        new[empty] = x[torch.topk(far, len(empty)).indices].float()
+    return new
+
+
+def rq_kmeans(x: torch.Tensor, levels: int = 4, codebook_size: int = 256, balanced: bool = True,
+              iters: int = 20, seed: int = 0, tol: float = 0.0) -> RQResult:
+    """Residual k-means: level l clusters the residuals left by levels < l."""
+    if levels < 1 or codebook_size < 1:
+        raise InvalidInputError(f"levels and codebook_size must be >= 1, got {levels}, {codebook_size}")
+    r = x.float().clone()
+    codes, books, stats = [], [], []
+    for level in range(levels):
+        a, c, st = kmeans(r, codebook_size, balanced, iters, seed=seed + level, tol=tol)
+        r -= c[a]
+        st.update(level=level, mse=float((r * r).sum(1).mean()))
+        codes.append(a)
+        books.append(c)
+        stats.append(st)
+    codes = torch.stack(codes, 1)
+    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    collisions = int((counts[inverse] > 1).sum())
+    return RQResult(codes, torch.stack(books), stats, collisions)
