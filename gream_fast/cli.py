@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = stages.add_parser("index", help="semantic ID indexes").add_subparsers(
         dest="action", required=True)
+    from gream_fast.index.embed import add_cli as add_embed
+
     p = index.add_parser("stats", help="print an index's size, collisions and trie footprint")
     p.add_argument("path", type=Path, help="X.index.json (reference format) or .safetensors")
     p.set_defaults(run=index_stats)
@@ -164,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path, help="output; .json writes the reference format")
     p.set_defaults(run=index_convert)
-    for p in index.choices.values():
+    for p in [index.choices["stats"], index.choices["convert"]]:
         p.add_argument("--codebook-size", type=int, default=None,
                        help="K for an .index.json input (the file does not record it; default: "
                             "the largest code in the file)")
+    add_embed(index)
     return parser
 
 

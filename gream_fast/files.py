@@ -60,6 +60,7 @@ def save_arrays(path, arrays: dict, kind: str, version: int, **meta) -> None:
     metadata = {"format": kind, "version": str(version), **{k: str(v) for k, v in meta.items()}}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # save_file replaces the file: set the mode again
 
 
 def load_arrays(path, kind: str, version: int, names) -> tuple[dict, dict]:
