@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = stages.add_parser("index", help="semantic ID indexes").add_subparsers(
         dest="action", required=True)
+    from gream_fast.index.build import add_cli as add_build
     from gream_fast.index.embed import add_cli as add_embed
 
     p = index.add_parser("stats", help="print an index's size, collisions and trie footprint")
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="K for an .index.json input (the file does not record it; default: "
                             "the largest code in the file)")
     add_embed(index)
+    add_build(index)
     return parser
 
 
