@@ -85,18 +85,75 @@ def _apply_moves(points, src, dst, a, counts, lo, hi):
     return taken
 
 
-def _sq_dist(x, c):
-    x = x.float()
-    return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
+@numba.njit(cache=True)
+def _local_search(dist, a, counts, lo, hi, rounds):
+    """Improve a feasible balanced assignment: move a point to a cluster with room when that
+    is cheaper, or swap two points between their clusters when that is cheaper for the pair
+    (a 2-cycle of the min-cost flow the reference solves). Sizes stay within [lo, hi]."""
+    n, k = dist.shape
+    members = np.empty(n, np.int64)
+    start = np.zeros(k + 1, np.int64)
+    for rnd in range(rounds):
+        changed = 0
+        for i in range(n):
+            s = a[i]
+            best, t = dist[i, s], -1
+            for j in range(k):
+                if j != s and dist[i, j] < best:
+                    best, t = dist[i, j], j
+            if t < 0:
+                continue
+            if counts[s] > lo and counts[t] < hi:  # a plain move
+                a[i] = t
+                counts[s] -= 1
+                counts[t] += 1
+                changed += 1
+        # swaps: bucket the points by cluster, then for each point that prefers another
+        # cluster, trade places with the member of that cluster for whom it costs least
+        start[:] = 0
+        for i in range(n):
+            start[a[i] + 1] += 1
+        for j in range(k):
+            start[j + 1] += start[j]
+        fill = start[:k].copy()
+        for i in range(n):
+            members[fill[a[i]]] = i
+            fill[a[i]] += 1
+        for i in range(n):
+            s = a[i]
+            best, t = dist[i, s], -1
+            for j in range(k):
+                if j != s and dist[i, j] < best:
+                    best, t = dist[i, j], j
+            if t < 0:
+                continue
+            gain_i = dist[i, s] - dist[i, t]
+            bm, bg = -1, -1e30
+            for m in range(start[t], start[t + 1]):
+                q = members[m]
+                if a[q] != t:
+                    continue  # moved this round
+                g = dist[q, t] - dist[q, s]
+                if g > bg:
+                    bg, bm = g, q
+            if bm >= 0 and gain_i + bg > 1e-9 * (1.0 + dist[i, s]):
+                a[i], a[bm] = t, s
+                changed += 1
+        if changed == 0:
+            return rnd
+    return rounds
 
 
-def _repair(x, c, a, lo, hi):
+def _repair(x, c, a, own, lo, hi):
     """Exact greedy repair of the sizes: move points out of clusters above hi and into clusters
-    below lo, cheapest extra squared distance first, until all sizes are within [lo, hi]."""
+    below lo, cheapest extra squared distance first, until all sizes are within [lo, hi].
+    own: each point's squared distance to its current centroid."""
     k = c.shape[0]
+    xf = x.float()
+    xn, cn = (xf * xf).sum(1), (c * c).sum(1)
+    own = own.clone()
     a_np = a.cpu().numpy().copy()
     counts = np.bincount(a_np, minlength=k).astype(np.int64)
-    own = ((x.float() - c[a]) ** 2).sum(1)  # each point's cost where it is now
     while counts.max() > hi or counts.min() < lo:
         cand_p, cand_s, cand_t, cand_cost = [], [], [], []
         a_t = torch.from_numpy(a_np).to(x.device)
@@ -110,33 +167,33 @@ def _repair(x, c, a, lo, hi):
             order = order[torch.argsort(a_t[pts][order], stable=True)]
             pts = pts[order]
             src = a_t[pts]
-            first = torch.searchsorted(src, src, right=False)
-            rank = torch.arange(len(pts), device=x.device) - first
+            rank = torch.arange(len(pts), device=x.device) - torch.searchsorted(src, src)
             pts = pts[rank < 4 * excess[src] + 8]
-            d = _sq_dist(x[pts], c)
-            cur = own[pts]
-            room = torch.from_numpy(counts < hi).to(x.device)
-            d[:, ~room] = float("inf")
+            d = xn[pts, None] - 2 * xf[pts] @ c.T + cn[None]
+            d[:, torch.from_numpy(counts >= hi).to(x.device)] = float("inf")  # no room there
             best, t = d.min(1)
-            cand_p.append(pts), cand_s.append(a_t[pts]), cand_t.append(t), cand_cost.append(best - cur)
+            cand_p.append(pts), cand_s.append(a_t[pts]), cand_t.append(t)
+            cand_cost.append(best - own[pts])
         under = torch.from_numpy(counts < lo).to(x.device)
         if under.any():  # points of clusters that can spare one -> the cheapest short cluster
-            donors = torch.nonzero(torch.from_numpy(counts > lo).to(x.device)[a_t]).flatten()
             short = torch.nonzero(under).flatten()
-            d = _sq_dist(x[donors], c[short])
-            cur = own[donors]
-            best, j = d.min(1)
+            d = xn[:, None] - 2 * xf @ c[short].T + cn[short][None]  # all rows: no gather
+            donors = torch.nonzero(torch.from_numpy(counts > lo).to(x.device)[a_t]).flatten()
+            best, j = d[donors].min(1)
             cand_p.append(donors), cand_s.append(a_t[donors]), cand_t.append(short[j])
-            cand_cost.append(best - cur)
-        cost = torch.cat(cand_cost)
-        order = torch.argsort(cost, stable=True)
+            cand_cost.append(best - own[donors])
+        order = torch.argsort(torch.cat(cand_cost), stable=True)
         moves = [torch.cat(v)[order].cpu().numpy() for v in (cand_p, cand_s, cand_t)]
         before = a_np.copy()
         if _apply_moves(*moves, a_np, counts, lo, hi) == 0:
             raise RuntimeError("balanced repair made no progress")  # cannot happen: see bounds
         moved = torch.from_numpy(np.flatnonzero(before != a_np)).to(x.device)
-        own[moved] = ((x[moved].float() - c[torch.from_numpy(a_np).to(x.device)[moved]]) ** 2).sum(1)
+        dest = torch.from_numpy(a_np[before != a_np]).to(x.device)
+        own[moved] = ((xf[moved] - c[dest]) ** 2).sum(1)
     return torch.from_numpy(a_np).to(a.device)
+
+
+LOCAL_SEARCH_MAX = 1 << 26  # N * K up to which the assignment is polished on the full matrix
 
 
 def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bool = False):
@@ -152,20 +209,31 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     # Price step: scaled to the typical distance so it means the same at any scale; halved
     # whenever the imbalance grows (the sign that prices overshoot).
     step = 0.5 * float(d.mean()) / max(target, 1.0) ** 0.5
-    best = (float("inf"), a, prices)
-    for _ in range(rounds):
+    best = (float("inf"), a, prices, d)
+    for r in range(rounds + 1):
         counts = torch.bincount(a, minlength=k)
         if int(counts.max()) <= hi and int(counts.min()) >= lo:
             return a, prices
         off = float((counts - target).abs().sum())
         if off < best[0]:
-            best = (off, a, prices)
+            best = (off, a, prices, d)
         else:
             step *= 0.5
+        if r == rounds:
+            break
         prices = prices + step * (counts.float() - target) / target
         a, d = assign(x, c, prices, allow_tf32)
-    _, a, prices = best
-    return _repair(x, c.float(), a, lo, hi), prices
+    _, a, p_used, d = best
+    own = d - p_used[a]  # assign returned distance + price of the chosen cluster
+    a = _repair(x, c.float(), a, own, lo, hi)
+    if n * k <= LOCAL_SEARCH_MAX:  # then polish with moves and swaps on the full distances
+        xf, cf = x.float(), c.float()
+        dist = ((xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None])
+        a_np = a.cpu().numpy().copy()
+        counts = np.bincount(a_np, minlength=k).astype(np.int64)
+        _local_search(dist.cpu().numpy(), a_np, counts, lo, hi, 4)
+        a = torch.from_numpy(a_np).to(x.device)
+    return a, prices
 
 
 def kmeans(x: torch.Tensor, k: int, balanced: bool = True, iters: int = 20,
