@@ -144,13 +144,20 @@ def _local_search(dist, a, counts, lo, hi, rounds):
     return rounds
 
 
-def _repair(x, c, a, own, lo, hi):
+def _repair(x, c, a, own, lo, hi, dist=None):
     """Exact greedy repair of the sizes: move points out of clusters above hi and into clusters
     below lo, cheapest extra squared distance first, until all sizes are within [lo, hi].
-    own: each point's squared distance to its current centroid."""
+    own: each point's squared distance to its current centroid; dist: the full distance
+    matrix when the caller has it (else candidate distances are computed from x)."""
     k = c.shape[0]
     xf = x.float()
     xn, cn = (xf * xf).sum(1), (c * c).sum(1)
+    if dist is None:
+        def rows(p, cols=slice(None)):  # distances of points p to centroids cols
+            return xn[p, None] - 2 * xf[p] @ c[cols].T + cn[cols][None]
+    else:
+        def rows(p, cols=slice(None)):
+            return dist[p][:, cols]
     own = own.clone()
     a_np = a.cpu().numpy().copy()
     counts = np.bincount(a_np, minlength=k).astype(np.int64)
@@ -169,7 +176,7 @@ def _repair(x, c, a, own, lo, hi):
             src = a_t[pts]
             rank = torch.arange(len(pts), device=x.device) - torch.searchsorted(src, src)
             pts = pts[rank < 4 * excess[src] + 8]
-            d = xn[pts, None] - 2 * xf[pts] @ c.T + cn[None]
+            d = rows(pts).clone()
             d[:, torch.from_numpy(counts >= hi).to(x.device)] = float("inf")  # no room there
             best, t = d.min(1)
             cand_p.append(pts), cand_s.append(a_t[pts]), cand_t.append(t)
@@ -177,9 +184,8 @@ def _repair(x, c, a, own, lo, hi):
         under = torch.from_numpy(counts < lo).to(x.device)
         if under.any():  # points of clusters that can spare one -> the cheapest short cluster
             short = torch.nonzero(under).flatten()
-            d = xn[:, None] - 2 * xf @ c[short].T + cn[short][None]  # all rows: no gather
             donors = torch.nonzero(torch.from_numpy(counts > lo).to(x.device)[a_t]).flatten()
-            best, j = d[donors].min(1)
+            best, j = rows(donors, short).min(1)
             cand_p.append(donors), cand_s.append(a_t[donors]), cand_t.append(short[j])
             cand_cost.append(best - own[donors])
         order = torch.argsort(torch.cat(cand_cost), stable=True)
@@ -189,7 +195,7 @@ def _repair(x, c, a, own, lo, hi):
             raise RuntimeError("balanced repair made no progress")  # cannot happen: see bounds
         moved = torch.from_numpy(np.flatnonzero(before != a_np)).to(x.device)
         dest = torch.from_numpy(a_np[before != a_np]).to(x.device)
-        own[moved] = ((xf[moved] - c[dest]) ** 2).sum(1)
+        own[moved] = rows(moved).gather(1, dest[:, None]).squeeze(1)
     return torch.from_numpy(a_np).to(a.device)
 
 
@@ -198,22 +204,38 @@ LOCAL_SEARCH_MAX = 1 << 26  # N * K up to which the assignment is polished on th
 
 def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bool = False):
     """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices).
-    Prices from the previous Lloyd iteration are nearly right: two rounds then, six cold."""
+    Prices from the previous Lloyd iteration are nearly right: two rounds then, six cold.
+    While N * K <= LOCAL_SEARCH_MAX the distance matrix is computed once (one matrix product)
+    and serves the price rounds and a final polish by moves and swaps; above, every round is
+    one fused assign and there is no polish."""
     n, k = x.shape[0], c.shape[0]
     lo, hi = size_bounds(n, k)
     if rounds is None:
         rounds = 6 if prices is None else 2
     prices = torch.zeros(k, device=x.device) if prices is None else prices
+    small = n * k <= LOCAL_SEARCH_MAX
+    if small:
+        xf, cf = x.float(), c.float()
+        dist = (xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None]
+
+        def nearest(p):
+            v, i = (dist + p).min(1)
+            return i, v
+    else:
+        def nearest(p):
+            return assign(x, c, p, allow_tf32)
+
     target = n / k
-    a, d = assign(x, c, prices, allow_tf32)
+    a, d = nearest(prices)
     # Price step: scaled to the typical distance so it means the same at any scale; halved
     # whenever the imbalance grows (the sign that prices overshoot).
     step = 0.5 * float(d.mean()) / max(target, 1.0) ** 0.5
-    best = (float("inf"), a, prices, d)
+    best, feasible = (float("inf"), a, prices, d), False
     for r in range(rounds + 1):
         counts = torch.bincount(a, minlength=k)
         if int(counts.max()) <= hi and int(counts.min()) >= lo:
-            return a, prices
+            feasible = True
+            break
         off = float((counts - target).abs().sum())
         if off < best[0]:
             best = (off, a, prices, d)
@@ -222,13 +244,12 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
         if r == rounds:
             break
         prices = prices + step * (counts.float() - target) / target
-        a, d = assign(x, c, prices, allow_tf32)
-    _, a, p_used, d = best
-    own = d - p_used[a]  # assign returned distance + price of the chosen cluster
-    a = _repair(x, c.float(), a, own, lo, hi)
-    if n * k <= LOCAL_SEARCH_MAX:  # then polish with moves and swaps on the full distances
-        xf, cf = x.float(), c.float()
-        dist = ((xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None])
+        a, d = nearest(prices)
+    if not feasible:
+        _, a, p_used, d = best
+        a = _repair(x, c.float(), a, d - p_used[a], lo, hi,  # d holds distance + price
+                    dist if small else None)
+    if small:
         a_np = a.cpu().numpy().copy()
         counts = np.bincount(a_np, minlength=k).astype(np.int64)
         _local_search(dist.cpu().numpy(), a_np, counts, lo, hi, 4)
