@@ -26,15 +26,22 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest -q
 
+DEMO := runs/demo/ml-100k
 demo: install
-	$(VENV)/bin/gream-fast data prepare --out runs/demo/ml-100k
-	$(VENV)/bin/gream-fast tasks profile --data runs/demo/ml-100k
+	$(VENV)/bin/gream-fast data prepare --out $(DEMO)
+	$(VENV)/bin/gream-fast index embed --data $(DEMO) --encoder minilm --out $(DEMO)/emb.safetensors
+	$(VENV)/bin/gream-fast index build --emb $(DEMO)/emb.safetensors --out $(DEMO)/index
+	$(VENV)/bin/gream-fast tasks profile --data $(DEMO)
+	$(VENV)/bin/gream-fast tasks align --data $(DEMO) --index $(DEMO)/index --out $(DEMO)/align.jsonl
+	$(VENV)/bin/gream-fast tasks reason --data $(DEMO) --index $(DEMO)/index --out $(DEMO)/reason.jsonl
+	$(VENV)/bin/gream-fast tasks mix --align $(DEMO)/align.jsonl --reason $(DEMO)/reason.jsonl --out $(DEMO)/sft.jsonl
 	$(PY) benchmarks/quick.py
 
 bench: install
 	$(PY) benchmarks/bench_trie.py
 	$(PY) benchmarks/bench_advantage.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_rq.py
 
 clean:
 	rm -rf build *.egg-info gream_fast/_trie*.so $(VENV)/.built
