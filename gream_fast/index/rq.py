@@ -86,6 +86,16 @@ def _apply_moves(points, src, dst, a, counts, lo, hi):
 
 
 @numba.njit(cache=True)
+def _cheaper_cluster(dist, i, s):
+    """The cluster closest to point i if it is closer than its own cluster s, else -1."""
+    best, t = dist[i, s], -1
+    for j in range(dist.shape[1]):
+        if j != s and dist[i, j] < best:
+            best, t = dist[i, j], j
+    return t
+
+
+@numba.njit(cache=True)
 def _local_search(dist, a, counts, lo, hi, rounds):
     """Improve a feasible balanced assignment: move a point to a cluster with room when that
     is cheaper, or swap two points between their clusters when that is cheaper for the pair
@@ -97,10 +107,7 @@ def _local_search(dist, a, counts, lo, hi, rounds):
         changed = 0
         for i in range(n):
             s = a[i]
-            best, t = dist[i, s], -1
-            for j in range(k):
-                if j != s and dist[i, j] < best:
-                    best, t = dist[i, j], j
+            t = _cheaper_cluster(dist, i, s)
             if t < 0:
                 continue
             if counts[s] > lo and counts[t] < hi:  # a plain move
@@ -121,10 +128,7 @@ def _local_search(dist, a, counts, lo, hi, rounds):
             fill[a[i]] += 1
         for i in range(n):
             s = a[i]
-            best, t = dist[i, s], -1
-            for j in range(k):
-                if j != s and dist[i, j] < best:
-                    best, t = dist[i, j], j
+            t = _cheaper_cluster(dist, i, s)
             if t < 0:
                 continue
             gain_i = dist[i, s] - dist[i, t]
