@@ -103,11 +103,13 @@ def _local_search(dist, a, counts, lo, hi, rounds):
     n, k = dist.shape
     members = np.empty(n, np.int64)
     start = np.zeros(k + 1, np.int64)
+    prefer = np.empty(n, np.int64)  # each point's cheaper cluster, found once per round
     for rnd in range(rounds):
         changed = 0
         for i in range(n):
             s = a[i]
             t = _cheaper_cluster(dist, i, s)
+            prefer[i] = t
             if t < 0:
                 continue
             if counts[s] > lo and counts[t] < hi:  # a plain move
@@ -127,10 +129,9 @@ def _local_search(dist, a, counts, lo, hi, rounds):
             members[fill[a[i]]] = i
             fill[a[i]] += 1
         for i in range(n):
-            s = a[i]
-            t = _cheaper_cluster(dist, i, s)
-            if t < 0:
-                continue
+            s, t = a[i], prefer[i]
+            if t < 0 or t == s:
+                continue  # content, or it just moved there
             gain_i = dist[i, s] - dist[i, t]
             bm, bg = -1, -1e30
             for m in range(start[t], start[t + 1]):
@@ -161,7 +162,7 @@ def _repair(x, c, a, own, lo, hi, dist=None):
             return xn[p, None] - 2 * xf[p] @ c[cols].T + cn[cols][None]
     else:
         def rows(p, cols=slice(None)):
-            return dist[p][:, cols]
+            return dist[:, cols][p]  # columns first: the under-phase takes few columns, all rows
     own = own.clone()
     a_np = a.cpu().numpy().copy()
     counts = np.bincount(a_np, minlength=k).astype(np.int64)
