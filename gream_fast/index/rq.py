@@ -218,7 +218,8 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     if rounds is None:
         rounds = 6 if prices is None else 2
     prices = torch.zeros(k, device=x.device) if prices is None else prices
-    small = n * k <= LOCAL_SEARCH_MAX
+    # the polish runs on the host: on a GPU only while the matrix is cheap to bring over
+    small = n * k <= (LOCAL_SEARCH_MAX if x.device.type == "cpu" else LOCAL_SEARCH_MAX >> 4)
     if small:
         xf, cf = x.float(), c.float()
         dist = (xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None]
