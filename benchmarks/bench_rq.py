@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.harness import Bench, common_args, device_name, nvtx, time_fn  # noqa: E402
 from gream_fast.index.rq import kmeans, rq_kmeans  # noqa: E402
-from gream_fast.kernels.residual_quant import assign  # noqa: E402
+from gream_fast.kernels.residual_quant import assign, centroid_update, encode  # noqa: E402
 
 SIZES = {  # case: (full, --quick)
     "level": ((20_000, 256, 256), (5_000, 64, 64)),  # N, D, K
@@ -258,6 +258,42 @@ def bench_assign(bench, args):
                "by nature (no tensor cores); fp32 inputs are also bound by reading x from HBM")
     bench.note("assign: ratio is vs torch.cdist; 'agrees' counts rows whose index equals the "
                "fp32 matmul argmin (tf32/bf16 differ on near-ties)")
+
+    # The other two kernels at the same shape: encode (4 levels, one launch) against the torch
+    # loop a user writes, and the centroid update against index_add_ + bincount.
+    books = torch.stack([c, c * 0.5, c * 0.25, c * 0.125])
+
+    def torch_encode():
+        r = x.clone()
+        for cb_l in books:
+            a = torch_matmul_argmin(r, cb_l)
+            r -= cb_l[a]
+        return r
+
+    case_e = f"encode {_count(n)} x {d}, 4 x {k}"
+    with matmul_precision("high"), nvtx("rq/encode/torch"):
+        t_e = time_fn(torch_encode, repeat=args.repeat, device=dev)["median"]
+    with nvtx("rq/encode/ours"):
+        t_o = time_fn(lambda: encode(x, books, allow_tf32=True), repeat=args.repeat, device=dev)["median"]
+    bench.add(case_e, "torch loop: matmul + argmin + subtract (tf32)", t_e, work=4 * flops / 1e12,
+              unit="TFLOP/s", baseline=t_e)
+    bench.add(case_e, "ours encode, one launch (tf32)", t_o, work=4 * flops / 1e12,
+              unit="TFLOP/s", baseline=t_e, roofline=None if peak is None else 4 * flops / peak / t_o)
+    a = ref
+    moved = n * d * 4 + n * 8
+    case_u = f"centroid update {_count(n)} x {d} -> {k}"
+    with nvtx("rq/update/torch"):
+        t_u = time_fn(lambda: (torch.zeros(k, d, device=dev).index_add_(0, a, x),
+                               torch.bincount(a, minlength=k)), repeat=args.repeat, device=dev)["median"]
+    with nvtx("rq/update/ours"):
+        t_v = time_fn(lambda: centroid_update(x, a, k), repeat=args.repeat, device=dev)["median"]
+    bench.add(case_u, "torch index_add_ + bincount", t_u, work=moved / 1e9, unit="GB/s",
+              baseline=t_u)
+    bench.add(case_u, "ours centroid_update (atomics)", t_v, work=moved / 1e9, unit="GB/s",
+              baseline=t_u, roofline=None if bw is None else moved / bw / t_v)
+    bench.note("encode: % roofline of the bf16 matrix rate (tf32 runs at half of it); centroid "
+               "update: % of HBM bandwidth (reads x and the codes once), bound by atomics on "
+               "K x D sums")
 
 
 # ---------------------------------------------------------------------------------------------
