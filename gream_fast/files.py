@@ -106,6 +106,14 @@ def read_jsonl(path) -> list:
     return [value for _, _, value in iter_jsonl(path)]
 
 
+def write_json(path, value) -> None:
+    """A small JSON file (configs, reports), written atomically."""
+    import json
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, indent=2) + "\n")
+
+
 def write_jsonl(path, rows) -> None:
     """Rows (dicts, or already-serialised lines) to a JSONL file, atomically."""
     import json

@@ -164,6 +164,11 @@ def _precision(x, allow_tf32):
     return "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
 
 
+def _kernel_dtype(t):
+    """tl.dot takes fp32, fp16 and bf16; other float types (fp64) go in as fp32."""
+    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
+
+
 def _norms(c, bias):
     cn = (c.float() * c.float()).sum(-1)
     return cn if bias is None else cn + bias.float()
@@ -195,7 +200,7 @@ def assign(x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
         raise InvalidInputError(f"bias: expected shape [{c.shape[0]}], got {list(bias.shape)}")
     if not use_triton(x, c):
         return assign_reference(x, c, bias)
-    x, c = x.contiguous(), c.contiguous()
+    x, c = _kernel_dtype(x).contiguous(), _kernel_dtype(c).contiguous()
     n, d = x.shape
     k = c.shape[0]
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -235,11 +240,18 @@ def encode(x: torch.Tensor, codebooks: torch.Tensor, allow_tf32: bool = False):
 def centroid_update(x: torch.Tensor, a: torch.Tensor, k: int):
     """(sums float32 [K, D], counts float32 [K]) of the rows of x grouped by a (int [N] in
     [0, K)). On a GPU the sums are float32 atomics: their order, so the last bits, vary."""
-    if a.shape != (x.shape[0],):
-        raise InvalidInputError(f"a: expected one cluster id per row ({x.shape[0]}), got {list(a.shape)}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise InvalidInputError(f"x: expected a float [N, D] tensor, got {x.dtype} {list(x.shape)}")
+    if a.shape != (x.shape[0],) or a.is_floating_point() or a.dtype == torch.bool:
+        raise InvalidInputError(f"a: expected one integer cluster id per row ({x.shape[0]}), got "
+                                f"{a.dtype} {list(a.shape)}")
+    if a.numel():
+        lo, hi = torch.stack([a.min(), a.max()]).tolist()  # ids out of range would write anywhere
+        if lo < 0 or hi >= k:
+            raise InvalidInputError(f"a: cluster ids must lie in 0..{k - 1}, got {lo}..{hi}")
     if not use_triton(x, a):
         return centroid_update_reference(x, a, k)
-    x, a = x.contiguous(), a.contiguous()
+    x, a = _kernel_dtype(x).contiguous(), a.contiguous()
     n, d = x.shape
     sums = torch.zeros(k, d, dtype=torch.float32, device=x.device)
     counts = torch.zeros(k, dtype=torch.float32, device=x.device)

@@ -240,3 +240,23 @@ def test_empty_after_k_core_keeps_existing_output(tmp_path):
 ])
 def test_clean_text(raw, want):
     assert clean_text(raw) == want
+
+
+def test_more_bad_inputs(tmp_path):
+    (tmp_path / "x.inter").write_text("")
+    (tmp_path / "x.item").write_text("item_id:token\ttitle:token_seq\n2\tA\n")
+    with pytest.raises(GreamError, match=r"x.inter:1: empty file"):
+        read("recbole", tmp_path, "x")
+    raw = tmp_path / "raw"
+    write_amazon2014(raw, ["a", "a", "a"], ["i1", "i2", "i3"], [1, "nan", 3], ["i1", "i2", "i3"])
+    with pytest.raises(GreamError, match=r"ratings_Musical_Instruments.csv:2: time 'nan' is not a finite"):
+        read("amazon2014", raw, "Instruments")
+
+
+def test_single_string_category(tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    (d / "Beauty.csv").write_text("i1,u1,5,1\n")
+    (d / "meta_Beauty.json").write_text(json.dumps({"asin": "i1", "title": "T",
+                                                    "category": "Skin Care"}) + "\n")
+    assert read("amazon2018", d, "Beauty").meta["i1"]["categories"] == ["Skin Care"]

@@ -93,3 +93,13 @@ def test_cuda_kernels_match_reference():
     rs, rn = centroid_update_reference(x, a, 256)
     torch.testing.assert_close(s.cpu(), rs, atol=1e-3, rtol=1e-4)
     assert torch.equal(n.cpu(), rn)
+
+
+def test_float64_inputs_and_bad_cluster_ids():
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(50, 9, generator=g).double(), torch.randn(6, 9, generator=g).double()
+    assert torch.equal(assign(x, c)[0], assign_reference(x, c)[0])
+    with pytest.raises(GreamError, match=r"cluster ids must lie in 0..6, got 0..9"):
+        centroid_update(x.float(), torch.tensor([0] * 49 + [9]), 7)
+    with pytest.raises(GreamError, match="integer cluster id"):
+        centroid_update(x.float(), torch.zeros(50), 7)

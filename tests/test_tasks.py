@@ -217,3 +217,15 @@ def test_cli_end_to_end(tmp_path, ctx, capsys):
     assert len(lines) == total and all(json.loads(l)["messages"] for l in lines)
     cfg = json.loads((tmp_path / "align.jsonl.config.json").read_text())
     assert cfg["passes"] == 1
+
+
+def test_profiles_are_validated(tmp_path, ctx):
+    from gream_fast.tasks.align import check_profiles, load_profiles
+
+    (tmp_path / "profiles.jsonl").write_text('{"user_id": 0, "history": [1]}\n')
+    with pytest.raises(GreamError, match=r"profiles.jsonl:1: expected a profile"):
+        load_profiles(tmp_path)
+    stale = {0: {"user_id": 0, "history": [1], "intent_item": 10_000, "preference": "p",
+                 "intent": "i"}}
+    with pytest.raises(GreamError, match="rerun `gream-fast tasks profile`"):
+        check_profiles(stale, ctx.data, tmp_path / "profiles.jsonl")

@@ -83,7 +83,16 @@ class Dataset:
                 raise InvalidInputError(f"{d}: no {name} (is this a `gream-fast data prepare` folder?)")
         items = read_jsonl(d / "items.jsonl")
         sequences = read_jsonl(d / "sequences.jsonl")
-        stats = json.loads((d / "stats.json").read_text()) if (d / "stats.json").exists() else {}
+        stats = {}
+        if (d / "stats.json").exists():
+            try:
+                stats = json.loads((d / "stats.json").read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{d / 'stats.json'}: not valid JSON ({e.msg})") from None
+        for name, rows in (("items.jsonl", items), ("sequences.jsonl", sequences)):
+            for n, rec in enumerate(rows, 1):
+                if not isinstance(rec, dict):
+                    raise DataError(f"{d / name}:{n}: expected a JSON object")
         for n, rec in enumerate(items, 1):
             if rec.get("id") != n - 1:
                 raise DataError(f"{d / 'items.jsonl'}:{n}: expected id {n - 1}, got {rec.get('id')!r}")

@@ -6,6 +6,7 @@ Formats: amazon2014, amazon2018, movielens (ml-100k, ml-1m), recbole (atomic .in
 import ast
 import gzip
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ def _price(value):
 
 def _flatten(categories) -> list:
     """Amazon 2014 categories are a list of paths (lists); keep each label once, in order."""
+    if isinstance(categories, str):  # some dumps give one label as a plain string
+        categories = [categories]
     out = []
     for c in categories or []:
         for label in (c if isinstance(c, list) else [c]):
@@ -127,7 +130,9 @@ def _read_csv_interactions(path, bad, user_col, item_col, time_col, sep=",", min
         try:
             t = float(parts[time_col])
         except ValueError:
-            bad(path, n, f"time {parts[time_col]!r} is not a number")
+            t = float("nan")
+        if not math.isfinite(t):
+            bad(path, n, f"time {parts[time_col]!r} is not a finite number")
             continue
         u, i = parts[user_col].strip(), parts[item_col].strip()
         if not u or not i:
@@ -287,6 +292,13 @@ def recbole_ml100k() -> Path:
     return Path(recbole.__file__).parent / "dataset_example" / "ml-100k"
 
 
+def _first(it, path) -> str:
+    first = next(it, None)
+    if first is None:
+        raise DataError(f"{path}:1: empty file (expected a 'name:type' header)")
+    return first[1]
+
+
 def _atomic_header(path, line: str) -> list:
     names = []
     for col in line.split("\t"):
@@ -316,8 +328,7 @@ def read_recbole(directory, bad: BadLines, name: str | None = None) -> RawData:
             raise InvalidInputError(f"{p}: no such file (RecBole atomic files {name}.inter and "
                                     f"{name}.item are needed)")
     it = lines(inter)
-    _, header = next(it)
-    names = _atomic_header(inter, header)
+    names = _atomic_header(inter, _first(it, inter))
     cu, ci = _column(names, inter, "user_id"), _column(names, inter, "item_id")
     ct = _column(names, inter, "timestamp", "time", required=False)
     users, items, times = [], [], []
@@ -335,8 +346,7 @@ def read_recbole(directory, bad: BadLines, name: str | None = None) -> RawData:
         items.append(parts[ci])
         times.append(t)
     it = lines(item)
-    _, header = next(it)
-    names = _atomic_header(item, header)
+    names = _atomic_header(item, _first(it, item))
     cid = _column(names, item, "item_id")
     ctitle = _column(names, item, "title", "movie_title", "item_title", "name")
     cyear = _column(names, item, "release_year", "year", required=False)

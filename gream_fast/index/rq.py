@@ -218,8 +218,7 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     if rounds is None:
         rounds = 6 if prices is None else 2
     prices = torch.zeros(k, device=x.device) if prices is None else prices
-    # the polish runs on the host: on a GPU only while the matrix is cheap to bring over
-    small = n * k <= (LOCAL_SEARCH_MAX if x.device.type == "cpu" else LOCAL_SEARCH_MAX >> 4)
+    small = n * k <= LOCAL_SEARCH_MAX  # the same on every device: same seed, same result
     if small:
         xf, cf = x.float(), c.float()
         dist = (xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None]
@@ -265,27 +264,26 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
 
 def kmeans(x: torch.Tensor, k: int, balanced: bool = True, iters: int = 20,
            init: torch.Tensor | None = None, seed: int = 0, tol: float = 0.0,
-           allow_tf32: bool | None = None):
+           allow_tf32: bool = False):
     """One level: (codes int64 [N], centroids float32 [k, D], stats). Lloyd iterations from
     k-means++ (or `init`) until fewer than tol * N points change cluster, or `iters`. The
     returned centroids are the means of the returned clusters."""
     n = x.shape[0]
     if x.dim() != 2 or n == 0:
         raise InvalidInputError(f"x: expected [N, D] with N > 0, got {list(x.shape)}")
-    if not 1 <= k:
-        raise InvalidInputError(f"k: expected >= 1, got {k}")
+    if k < 1 or iters < 1:
+        raise InvalidInputError(f"k and iters: expected >= 1, got {k} and {iters}")
     if balanced and n < k:
         raise InvalidInputError(f"balanced k-means needs at least k={k} points, got {n}")
     if not torch.isfinite(x).all():
         raise InvalidInputError("x holds NaN or infinite values")
-    tf32 = x.is_cuda if allow_tf32 is None else allow_tf32
     c = kmeans_pp(x, k, seed) if init is None else init.float().to(x.device).clone()
     prices, prev, it = None, None, 0
     for it in range(1, iters + 1):
         if balanced:
-            a, prices = balanced_assign(x, c, prices, allow_tf32=tf32)
+            a, prices = balanced_assign(x, c, prices, allow_tf32=allow_tf32)
         else:
-            a, _ = assign(x, c, allow_tf32=tf32)
+            a, _ = assign(x, c, allow_tf32=allow_tf32)
         sums, counts = centroid_update(x, a, k)
         c = _update(c, sums, counts, x, a)
         changed = n if prev is None else int((a != prev).sum())
@@ -311,14 +309,18 @@ def _update(c, sums, counts, x, a):
 
 
 def rq_kmeans(x: torch.Tensor, levels: int = 4, codebook_size: int = 256, balanced: bool = True,
-              iters: int = 20, seed: int = 0, tol: float = 0.0) -> RQResult:
-    """Residual k-means: level l clusters the residuals left by levels < l."""
+              iters: int = 20, seed: int = 0, tol: float = 0.0,
+              allow_tf32: bool = False) -> RQResult:
+    """Residual k-means: level l clusters the residuals left by levels < l. allow_tf32 trades
+    exact fp32 distances for tf32 tensor cores on a GPU (faster; CPU and GPU results then
+    differ by more than ties)."""
     if levels < 1 or codebook_size < 1:
         raise InvalidInputError(f"levels and codebook_size must be >= 1, got {levels}, {codebook_size}")
     r = x.float().clone()
     codes, books, stats = [], [], []
     for level in range(levels):
-        a, c, st = kmeans(r, codebook_size, balanced, iters, seed=seed + level, tol=tol)
+        a, c, st = kmeans(r, codebook_size, balanced, iters, seed=seed + level, tol=tol,
+                          allow_tf32=allow_tf32)
         r -= c[a]
         st.update(level=level, mse=float((r * r).sum(1).mean()))
         codes.append(a)

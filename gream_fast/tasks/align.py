@@ -1,14 +1,13 @@
 """Alignment tasks (METHOD.md section 3): instruction/response rows that ground SIDs in item
 text and user behaviour. `gream-fast tasks align`."""
 import functools
-import json
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import DataError, InvalidInputError
-from gream_fast.files import iter_jsonl, write_jsonl
+from gream_fast.files import iter_jsonl, write_json, write_jsonl
 from gream_fast.tasks.context import TaskContext, load_index, rng_for
 from gream_fast.tasks.templates import SYSTEM_PROMPT, TEMPLATES
 
@@ -42,11 +41,24 @@ def load_profiles(directory) -> dict:
                                 f"them: run `gream-fast tasks profile --data {directory}` first")
     out = {}
     for n, _, rec in iter_jsonl(path):
-        try:
-            out[int(rec["user_id"])] = rec
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{n}: not a profile record (missing or bad {e})") from None
+        ok = (isinstance(rec, dict) and isinstance(rec.get("user_id"), int)
+              and isinstance(rec.get("history"), list) and isinstance(rec.get("intent_item"), int)
+              and isinstance(rec.get("preference"), str) and isinstance(rec.get("intent"), str))
+        if not ok:
+            raise DataError(f"{path}:{n}: expected a profile with user_id, history, intent_item, "
+                            "preference and intent (written by `gream-fast tasks profile`)")
+        out[rec["user_id"]] = rec
     return out
+
+
+def check_profiles(profiles: dict, data, path) -> None:
+    """Profiles must describe this dataset's users and items (not an earlier `data prepare`)."""
+    for u, rec in profiles.items():
+        items = rec["history"] + [rec["intent_item"]]
+        if not 0 <= u < data.num_users or any(not 0 <= i < data.num_items for i in items):
+            raise DataError(f"{path}: the profile of user {u} names users or items this dataset "
+                            f"does not have ({data.num_users} users, {data.num_items} items): "
+                            "rerun `gream-fast tasks profile`")
 
 
 class AlignmentBuilder:
@@ -112,7 +124,7 @@ class AlignmentBuilder:
             self._emit(out, "preferenceobtain", rng, fields)
 
     def build(self) -> list:
-        tasks = [t.strip() for t in self.cfg.tasks.split(",") if t.strip()]
+        tasks = task_list(self.cfg.tasks)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise InvalidInputError(f"tasks: unknown {unknown}; expected some of {', '.join(TASKS)}")
@@ -121,6 +133,10 @@ class AlignmentBuilder:
             for task in tasks:
                 getattr(self, task)(rng_for(self.cfg.seed, task, p), rows)
         return rows
+
+
+def task_list(spec: str) -> list:
+    return [t.strip() for t in spec.split(",") if t.strip()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,9 +148,14 @@ def _needs(template) -> list:
 def run(cfg: AlignConfig) -> list:
     data = Dataset.load(cfg.data)
     ctx = TaskContext(data, load_index(cfg.index))
-    needs_profiles = {"itemsearch", "preferenceobtain"} & set(cfg.tasks.split(","))
-    profiles = load_profiles(cfg.data) if needs_profiles else {}
+    profiles = {}
+    if {"itemsearch", "preferenceobtain"} & set(task_list(cfg.tasks)):
+        profiles = load_profiles(cfg.data)
+        check_profiles(profiles, data, Path(cfg.data) / PROFILES)
+        if not profiles:
+            raise DataError(f"{Path(cfg.data) / PROFILES}: no profiles for itemsearch / "
+                            "preferenceobtain")
     rows = AlignmentBuilder(ctx, cfg, profiles).build()
     write_jsonl(cfg.out, rows)
-    Path(str(cfg.out) + ".config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    write_json(str(cfg.out) + ".config.json", asdict(cfg))
     return rows

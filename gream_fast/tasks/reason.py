@@ -1,13 +1,12 @@
 """Reasoning data (METHOD.md section 4): CoT samples whose responses think in three steps,
 rewrite the history, then answer with the target SID. `gream-fast tasks reason`."""
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import InvalidInputError
-from gream_fast.files import write_jsonl
+from gream_fast.files import write_json, write_jsonl
 from gream_fast.tasks.align import row
 from gream_fast.tasks.context import HISTORY_SEP, TaskContext, load_index, rng_for
 from gream_fast.tasks.teacher import RECENCY, make_teacher
@@ -89,6 +88,5 @@ def run(cfg: ReasonConfig) -> tuple[list, dict]:
     teacher = make_teacher(cfg.teacher, Path(cfg.data) / f".teacher-{cfg.teacher}.cache.jsonl")
     rows, stats = build_reasoning(ctx, teacher, cfg)
     write_jsonl(cfg.out, rows)
-    Path(str(cfg.out) + ".config.json").write_text(
-        json.dumps({**asdict(cfg), "stats": stats}, indent=2) + "\n")
+    write_json(str(cfg.out) + ".config.json", {**asdict(cfg), "stats": stats})
     return rows, stats
