@@ -277,7 +277,7 @@ def test_collate_pads_right(bpe_tokenizer):
 # -- packing --------------------------------------------------------------------------------------
 def pack_python(examples, seq_len, pad_id):
     """Plain Python next-fit packing: the oracle of the numba packer."""
-    rows, cu, seq = [], [0], 0
+    rows, cu = [], [0]
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         if not rows or len(rows[-1]) + n > seq_len:

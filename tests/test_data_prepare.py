@@ -3,7 +3,6 @@ import gzip
 import json
 import random
 
-import numpy as np
 import pytest
 
 from gream_fast import GreamError

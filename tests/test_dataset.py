@@ -5,7 +5,7 @@ import pytest
 
 from gream_fast import GreamError
 from gream_fast.cli import main
-from gream_fast.data import Dataset, PrepareConfig, run
+from gream_fast.data import Dataset
 from gream_fast.data.prepare import prepare, write
 from gream_fast.data.synth import SynthConfig, synthesize
 

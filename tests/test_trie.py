@@ -109,7 +109,6 @@ def test_sparse_tokens(rows, probes):
     trie, model = PrefixTrie(pad(rows)), Model(rows)
     for p in {tuple(r[:d]) for r in rows for d in range(len(r) + 1)}:
         assert trie.allowed(np.array(p, dtype=np.int64)).tolist() == model.allowed(p)
-        node = trie.lookup(pad([list(p)], width=6)) if p else None
         nodes = np.zeros(1, np.int64)
         for t in p:
             nodes = trie.walk(nodes, np.array([t]))

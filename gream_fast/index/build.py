@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from gream_fast.files import atomic_dir, save_arrays
 from gream_fast.index.embed import load_embeddings, resolve_device

@@ -155,9 +155,10 @@ def _repair(x, c, a, own, lo, hi, dist=None):
     own: each point's squared distance to its current centroid; dist: the full distance
     matrix when the caller has it (else candidate distances are computed from x)."""
     k = c.shape[0]
-    xf = x.float()
-    xn, cn = (xf * xf).sum(1), (c * c).sum(1)
     if dist is None:
+        xf = x.float()
+        xn, cn = (xf * xf).sum(1), (c * c).sum(1)
+
         def rows(p, cols=slice(None)):  # distances of points p to centroids cols
             return xn[p, None] - 2 * xf[p] @ c[cols].T + cn[cols][None]
     else:
@@ -290,7 +291,7 @@ def kmeans(x: torch.Tensor, k: int, balanced: bool = True, iters: int = 20,
         prev = a
         if changed <= tol * n:
             break
-    sums, counts = centroid_update(x, prev, k)
+    # sums and counts of the last iteration are those of prev, the assignment returned
     xf = x.float()
     sse = float((xf * xf).sum() - ((sums * sums).sum(1) / counts.clamp(min=1)).sum())
     return prev, c, {"sse": max(sse, 0.0), "iters": it, "min_size": int(counts.min()),

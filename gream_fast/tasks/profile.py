@@ -1,6 +1,5 @@
 """`gream-fast tasks profile`: user preference summaries and intent queries (for itemsearch and
 preferenceobtain), and optionally enriched item descriptions, written beside the dataset."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
