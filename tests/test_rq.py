@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gream_fast import GreamError
+from gream_fast.index import rq
 from gream_fast.index.rq import kmeans, kmeans_pp, rq_kmeans, size_bounds
 
 
@@ -13,8 +14,17 @@ def blobs(n, d, centers, seed):
     return mu[torch.randint(0, centers, (n,), generator=g)] + torch.randn(n, d, generator=g)
 
 
+@pytest.fixture(params=["dense", "streamed"])
+def balance_path(request, monkeypatch):
+    """Both ways balanced_assign works: on the whole distance matrix (with polish), and the
+    large-N way (prices through the fused assign kernel + repair from x, no matrix)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(rq, "LOCAL_SEARCH_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("n, k", [(300, 10), (257, 16), (200, 7)])
-def test_balanced_sizes_are_within_bounds(n, k):
+def test_balanced_sizes_are_within_bounds(n, k, balance_path):
     x = blobs(n, 8, 4, seed=n)  # lopsided blobs: balance has to fight the data
     codes, c, st = kmeans(x, k, balanced=True, iters=4, seed=1)
     lo, hi = size_bounds(n, k)
@@ -33,6 +43,18 @@ def test_unbalanced_beats_balanced_and_both_beat_random():
     _, _, bal = kmeans(x, 8, balanced=True, iters=8, seed=0)
     rand = float(((x - x.mean(0)) ** 2).sum())
     assert free["sse"] <= bal["sse"] * 1.001 and bal["sse"] < 0.8 * rand
+
+
+def test_streamed_balance_is_close_to_dense(monkeypatch):
+    """The large-N path has no polish: its objective stays within a few % of the dense one."""
+    x = blobs(600, 8, 5, seed=7)
+    init = kmeans_pp(x, 12, seed=0)
+    _, _, dense = kmeans(x, 12, balanced=True, iters=6, init=init)
+    monkeypatch.setattr(rq, "LOCAL_SEARCH_MAX", 0)
+    _, _, streamed = kmeans(x, 12, balanced=True, iters=6, init=init)
+    lo, hi = size_bounds(600, 12)
+    assert lo <= streamed["min_size"] and streamed["max_size"] <= hi
+    assert dense["sse"] <= streamed["sse"] * 1.001 and streamed["sse"] < dense["sse"] * 1.05
 
 
 def test_seeded_and_init():

@@ -22,12 +22,14 @@ class IndexBuildConfig:
     iters: int = 20
     seed: int = 0
     device: str = "auto"
+    allow_tf32: bool = False
 
 
 def build(cfg: IndexBuildConfig):
     t0 = time.perf_counter()
     x = load_embeddings(cfg.emb).to(resolve_device(cfg.device))
-    result = rq_kmeans(x, cfg.levels, cfg.codebook_size, cfg.balanced, cfg.iters, cfg.seed)
+    result = rq_kmeans(x, cfg.levels, cfg.codebook_size, cfg.balanced, cfg.iters, cfg.seed,
+                       allow_tf32=cfg.allow_tf32)
     index = result.to_index()
     sizes = [np.bincount(result.codes[:, l].cpu().numpy(), minlength=cfg.codebook_size)
              for l in range(cfg.levels)]
@@ -84,7 +86,9 @@ def add_cli(index_subparsers) -> None:
     p = index_subparsers.add_parser("build", help="embeddings -> balanced RQ-KMeans -> SemanticIndex")
     add_fields(p, IndexBuildConfig, required=("emb", "out"), help={
         "emb": "embeddings from `gream-fast index embed`",
-        "out": "index folder: index.safetensors, items.index.json, codebooks, report"})
+        "out": "index folder: index.safetensors, items.index.json, codebooks, report",
+        "allow_tf32": "tf32 tensor cores for the distances on a GPU: faster, but codes may then "
+                      "differ from an fp32 run by more than ties"})
 
     def run(args):
         cfg = from_args(IndexBuildConfig, args)

@@ -10,6 +10,12 @@ or two rounds). Prices bring the sizes close; an exact greedy repair then moves 
 whose move costs the least squared distance until every size is inside the bounds. It reaches
 the bounds exactly, like the reference's min-cost flow, at the price of matrix products
 instead of an n^2 solver.
+
+Two ways to run it, chosen by size alone (so a seed gives the same result on every device):
+while the N x K distance matrix is small (LOCAL_SEARCH_MAX) it is computed once per Lloyd
+iteration and the price rounds, the repair and a polish by moves and swaps (2-cycles of the
+min-cost flow) run on it in compiled host loops; above, every price round is one fused assign
+kernel launch on the data's device and the repair computes the few distances it needs from x.
 """
 from dataclasses import dataclass, field
 
@@ -85,14 +91,28 @@ def _apply_moves(points, src, dst, a, counts, lo, hi):
     return taken
 
 
-@numba.njit(cache=True)
-def _cheaper_cluster(dist, i, s):
-    """The cluster closest to point i if it is closer than its own cluster s, else -1."""
-    best, t = dist[i, s], -1
-    for j in range(dist.shape[1]):
-        if j != s and dist[i, j] < best:
-            best, t = dist[i, j], j
-    return t
+@numba.njit(cache=True, parallel=True)
+def _nearest_priced(dist, prices, a, d):
+    """a[i] = argmin_j dist[i, j] + prices[j] (first on ties, like torch.min), d[i] its value."""
+    for i in numba.prange(dist.shape[0]):
+        best, t = np.inf, 0
+        for j in range(dist.shape[1]):
+            v = dist[i, j] + prices[j]
+            if v < best:
+                best, t = v, j
+        a[i], d[i] = t, best
+
+
+@numba.njit(cache=True, parallel=True)
+def _cheaper_clusters(dist, a, prefer):
+    """prefer[i]: the cluster closest to point i when it is closer than i's own, else -1."""
+    for i in numba.prange(dist.shape[0]):
+        s = a[i]
+        best, t = dist[i, s], -1
+        for j in range(dist.shape[1]):
+            if j != s and dist[i, j] < best:
+                best, t = dist[i, j], j
+        prefer[i] = t
 
 
 @numba.njit(cache=True)
@@ -106,13 +126,12 @@ def _local_search(dist, a, counts, lo, hi, rounds):
     prefer = np.empty(n, np.int64)  # each point's cheaper cluster, found once per round
     for rnd in range(rounds):
         changed = 0
+        # a point's preference depends on its own cluster only, which changes only when the
+        # point itself moves: so all preferences can be found up front, in parallel
+        _cheaper_clusters(dist, a, prefer)
         for i in range(n):
-            s = a[i]
-            t = _cheaper_cluster(dist, i, s)
-            prefer[i] = t
-            if t < 0:
-                continue
-            if counts[s] > lo and counts[t] < hi:  # a plain move
+            s, t = a[i], prefer[i]
+            if t >= 0 and counts[s] > lo and counts[t] < hi:  # a plain move
                 a[i] = t
                 counts[s] -= 1
                 counts[t] += 1
@@ -141,7 +160,7 @@ def _local_search(dist, a, counts, lo, hi, rounds):
                 g = dist[q, t] - dist[q, s]
                 if g > bg:
                     bg, bm = g, q
-            if bm >= 0 and gain_i + bg > 1e-9 * (1.0 + dist[i, s]):
+            if bm >= 0 and gain_i + bg > 1e-9 * (1.0 + abs(dist[i, s])):
                 a[i], a[bm] = t, s
                 changed += 1
         if changed == 0:
@@ -149,21 +168,52 @@ def _local_search(dist, a, counts, lo, hi, rounds):
     return rounds
 
 
-def _repair(x, c, a, own, lo, hi, dist=None):
+@numba.njit(cache=True, parallel=True)
+def _repair_candidates(dist, a, counts, lo, hi, cand_t, cand_cost):
+    """Each point's candidate moves: slot 2i, out of a crowded cluster to the cheapest one with
+    room; slot 2i+1, out of a cluster that can spare one to the cheapest short cluster.
+    cand_cost is the extra squared distance, inf where there is no candidate."""
+    room = np.flatnonzero(counts < hi)
+    short = np.flatnonzero(counts < lo)
+    for i in numba.prange(dist.shape[0]):
+        s = a[i]
+        for slot, ok, cols in ((2 * i, counts[s] > hi, room), (2 * i + 1, counts[s] > lo, short)):
+            best, t = np.inf, -1
+            if ok:
+                for j in cols:
+                    if dist[i, j] < best:
+                        best, t = dist[i, j], j
+            cand_t[slot] = t
+            cand_cost[slot] = best - dist[i, s] if t >= 0 else np.inf
+
+
+@numba.njit(cache=True)
+def _repair_dense(dist, a, counts, lo, hi):
+    """_repair on the full distance matrix, in compiled loops: every member of a crowded cluster
+    and every member of a cluster that can spare one is a candidate (see _repair_candidates)."""
+    n = dist.shape[0]
+    cand_t = np.empty(2 * n, np.int64)
+    cand_cost = np.empty(2 * n, np.float64)
+    while counts.max() > hi or counts.min() < lo:
+        _repair_candidates(dist, a, counts, lo, hi, cand_t, cand_cost)
+        slots = np.flatnonzero(cand_cost < np.inf)
+        slots = slots[np.argsort(cand_cost[slots], kind="mergesort")]
+        points = slots // 2
+        if _apply_moves(points, a[points], cand_t[slots], a, counts, lo, hi) == 0:
+            raise RuntimeError("balanced repair made no progress")  # cannot happen: see bounds
+
+
+def _repair(x, c, a, own, lo, hi):
     """Exact greedy repair of the sizes: move points out of clusters above hi and into clusters
     below lo, cheapest extra squared distance first, until all sizes are within [lo, hi].
-    own: each point's squared distance to its current centroid; dist: the full distance
-    matrix when the caller has it (else candidate distances are computed from x)."""
+    own: each point's squared distance to its current centroid. For a distance matrix too
+    big to hold, candidate distances are computed from x as needed."""
     k = c.shape[0]
-    if dist is None:
-        xf = x.float()
-        xn, cn = (xf * xf).sum(1), (c * c).sum(1)
+    xf = x.float()
+    xn, cn = (xf * xf).sum(1), (c * c).sum(1)
 
-        def rows(p, cols=slice(None)):  # distances of points p to centroids cols
-            return xn[p, None] - 2 * xf[p] @ c[cols].T + cn[cols][None]
-    else:
-        def rows(p, cols=slice(None)):
-            return dist[:, cols][p]  # columns first: the under-phase takes few columns, all rows
+    def rows(p, cols=slice(None)):  # distances of points p to centroids cols
+        return xn[p, None] - 2 * xf[p] @ c[cols].T + cn[cols][None]
     own = own.clone()
     a_np = a.cpu().numpy().copy()
     counts = np.bincount(a_np, minlength=k).astype(np.int64)
@@ -221,12 +271,16 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     prices = torch.zeros(k, device=x.device) if prices is None else prices
     small = n * k <= LOCAL_SEARCH_MAX  # the same on every device: same seed, same result
     if small:
+        # ||x||^2 is the same for every cluster of a row: argmins, prices, repair and polish
+        # compare within rows only, so the matrix leaves it out (one matrix product, no passes)
         xf, cf = x.float(), c.float()
-        dist = (xf * xf).sum(1, keepdim=True) - 2 * xf @ cf.T + (cf * cf).sum(1)[None]
+        xn = (xf * xf).sum(1)
+        dist_np = torch.addmm((cf * cf).sum(1)[None], xf, cf.T, alpha=-2).cpu().numpy()
+        a_np, d_np = np.empty(n, np.int64), np.empty(n, np.float32)
 
         def nearest(p):
-            v, i = (dist + p).min(1)
-            return i, v
+            _nearest_priced(dist_np, p.cpu().numpy(), a_np, d_np)
+            return torch.from_numpy(a_np.copy()).to(x.device), torch.from_numpy(d_np).to(x.device) + xn
     else:
         def nearest(p):
             return assign(x, c, p, allow_tf32)
@@ -251,15 +305,17 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
             break
         prices = prices + step * (counts.float() - target) / target
         a, d = nearest(prices)
-    if not feasible:
-        _, a, p_used, d = best
-        a = _repair(x, c.float(), a, d - p_used[a], lo, hi,  # d holds distance + price
-                    dist if small else None)
-    if small:
+    if small:  # repair (when needed) and polish on the host, in compiled loops
+        if not feasible:
+            a = best[1]
         a_np = a.cpu().numpy().copy()
         counts = np.bincount(a_np, minlength=k).astype(np.int64)
-        _local_search(dist.cpu().numpy(), a_np, counts, lo, hi, 4)
+        _repair_dense(dist_np, a_np, counts, lo, hi)
+        _local_search(dist_np, a_np, counts, lo, hi, 4)
         a = torch.from_numpy(a_np).to(x.device)
+    elif not feasible:
+        _, a, p_used, d = best
+        a = _repair(x, c.float(), a, d - p_used[a], lo, hi)  # d holds distance + price
     return a, prices
 
 
