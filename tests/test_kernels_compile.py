@@ -10,6 +10,13 @@ import subprocess
 import sys
 
 
+PREFIX_ATTENTION_TENSORS = ("q_ptr", "pk_ptr", "pv_ptr", "sk_ptr", "sv_ptr", "o_ptr")
+PREFIX_ATTENTION_SIG = {  # the non-tensor arguments (dicts keep the kernel's argument order)
+    "q_ptr": None, "pk_ptr": None, "pv_ptr": None, "prefix_cu_ptr": "*i32", "row_cu_ptr": "*i32",
+    "sk_ptr": None, "sv_ptr": None, "slen_ptr": "*i32", "o_ptr": None, "D": "i32",
+    "qk_scale": "fp32", **{f"stride_{n}": "i32" for n in (
+        "qr", "qh", "pkt", "pkh", "pvt", "pvh", "skr", "sks", "skh", "svr", "svs", "svh", "or", "oh")}}
+
 # (module, kernel, signature, constexpr variants)
 KERNELS = [
     ("gream_fast.kernels.group_advantage", "_group_advantage_kernel",
@@ -39,6 +46,30 @@ KERNELS = [
      {"x_ptr": "*bf16", "a_ptr": "*i64", "sums_ptr": "*fp32", "counts_ptr": "*fp32", "N": "i32",
       "D": "i32", "stride_x": "i32"},
      [{"BLOCK_N": 128, "BLOCK_D": 64}]),
+    ("gream_fast.kernels.trie_logits", "_trie_topk_kernel",
+     {"logits_ptr": "*bf16", "nodes_ptr": "*i32", "indptr_ptr": "*i32", "tokens_ptr": "*i32",
+      "scores_ptr": "*fp32", "token_ids_ptr": "*i64", "child_ptr": "*i32", "V": "i32",
+      "stride_row": "i32", "num_nodes": "i32", "token_offset": "i32", "max_children": "i32",
+      "K": "i32"},
+     [{"BLOCK_V": 1024, "BLOCK_C": 256, "BLOCK_K": 16},
+      {"BLOCK_V": 1024, "BLOCK_C": 256, "BLOCK_K": 256},
+      {"BLOCK_V": 256, "BLOCK_C": 256, "BLOCK_K": 16}]),
+    ("gream_fast.kernels.trie_logits", "_trie_topk_kernel",  # fp32 logits, int64 node ids
+     {"logits_ptr": "*fp32", "nodes_ptr": "*i64", "indptr_ptr": "*i32", "tokens_ptr": "*i32",
+      "scores_ptr": "*fp32", "token_ids_ptr": "*i64", "child_ptr": "*i32", "V": "i32",
+      "stride_row": "i32", "num_nodes": "i32", "token_offset": "i32", "max_children": "i32",
+      "K": "i32"},
+     [{"BLOCK_V": 1024, "BLOCK_C": 32, "BLOCK_K": 16}]),
+    ("gream_fast.kernels.prefix_attention", "_prefix_attention_kernel",
+     {**PREFIX_ATTENTION_SIG, **{k: "*bf16" for k in PREFIX_ATTENTION_TENSORS}},
+     [{"G": 1, "GP": 1, "BLOCK_R": 64, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 4, "GP": 4, "BLOCK_R": 16, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 1, "GP": 1, "BLOCK_R": 32, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 7, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"}]),
+    ("gream_fast.kernels.prefix_attention", "_prefix_attention_kernel",
+     {**PREFIX_ATTENTION_SIG, **{k: "*fp32" for k in PREFIX_ATTENTION_TENSORS}},
+     [{"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 1, "GP": 1, "BLOCK_R": 16, "BLOCK_T": 16, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"}]),
 ]
 
 SCRIPT = """

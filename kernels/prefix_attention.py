@@ -1,0 +1,340 @@
+"""Decode attention with a shared prompt prefix (cascade attention), for beam search / sampling.
+
+R rows (the beams or samples) are grouped by prompt: the rows of prompt b are the query rows
+row_cu[b] .. row_cu[b+1]-1. Prompt b's KV is stored once, packed: prefix_k/v rows
+prefix_cu[b] .. prefix_cu[b+1]-1. Each row r also has its own short suffix KV (the tokens it
+generated, the current one included): suffix_k/v[r, :suffix_lens[r]]. Row r's single query
+token attends to [its prompt's KV, then its suffix KV]; everything stored is in the past or is
+the current token, so there is no causal mask. GQA: query head h reads KV head h // G,
+G = Hq / Hkv (the Hugging Face repeat_kv convention). Scores s_j = scale * q.k_j, softmax in
+float32, scale 1/sqrt(D) by default.
+
+Softmax attention over a union of two key sets P (prompt) and S (suffix) splits exactly:
+    LSE_A = log sum_{j in A} exp(s_j),   o_A = sum_{j in A} exp(s_j - LSE_A) v_j,
+    LSE = log(exp(LSE_P) + exp(LSE_S)),  o = exp(LSE_P - LSE) o_P + exp(LSE_S - LSE) o_S.
+So the prompt part is computed once per prompt for all of its rows and the suffix part per row.
+The reference does just that (padded per prompt, then per row, then the merge). The Triton
+kernel runs one online softmax (running max m, running sum l, accumulator acc) over the prompt
+tiles and then over the row's suffix entries: continuing an online softmax over more keys is
+the same LSE merge, done incrementally.
+
+A row with nothing to attend to (an empty prompt and an empty suffix: only reachable with
+check=False, or through the reference) gets o = 0.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from gream_fast.errors import InvalidInputError
+from gream_fast.kernels._backend import INTERPRET, use_triton
+
+__all__ = ["shared_prefix_attention", "shared_prefix_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference (plain torch, float32 inside)
+# ---------------------------------------------------------------------------------------------
+def _attend(s, ok, v, equation):
+    """(LSE [...], softmax(s) @ v) over the keys where ok; LSE = -inf and output 0 where no key
+    is valid."""
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    w = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return lse, torch.einsum(equation, w, v)
+
+
+def shared_prefix_attention_reference(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k,
+                                      suffix_v, suffix_lens, scale=None):
+    """o [R, Hq, D] in q.dtype; see shared_prefix_attention."""
+    R, Hq, D = q.shape
+    Hkv, S = prefix_k.shape[1], suffix_k.shape[1]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    if R == 0:
+        return q.new_empty(R, Hq, D)
+    dev = q.device
+    p_len = (prefix_cu[1:] - prefix_cu[:-1]).long()
+    r_len = (row_cu[1:] - row_cu[:-1]).long()
+    B = p_len.numel()
+
+    # Prompt part, once per prompt for all its rows: pad prompts to [B, P] and their rows to
+    # [B, Rm]. The masks enumerate (prompt, position) in packed order, so a masked assignment
+    # scatters the packed tensors.
+    p_ok = torch.arange(int(p_len.max()), device=dev) < p_len[:, None]  # [B, P]
+    r_ok = torch.arange(int(r_len.max()), device=dev) < r_len[:, None]  # [B, Rm]
+    kp = torch.zeros(B, p_ok.shape[1], Hkv, D, device=dev)
+    vp = torch.zeros_like(kp)
+    kp[p_ok], vp[p_ok] = prefix_k.float(), prefix_v.float()
+    qr = q.float().view(R, Hkv, G, D)
+    qp = torch.zeros(B, r_ok.shape[1], Hkv, G, D, device=dev)
+    qp[r_ok] = qr
+    s = torch.einsum("brhgd,bphd->brhgp", qp, kp) * scale
+    lse_p, o_p = _attend(s, p_ok[:, None, None, None, :], vp, "brhgp,bphd->brhgd")
+    lse_p, o_p = lse_p[r_ok], o_p[r_ok]  # back to rows: [R, Hkv, G], [R, Hkv, G, D]
+
+    # Suffix part, per row.
+    s = torch.einsum("rhgd,rshd->rhgs", qr, suffix_k.float()) * scale
+    s_ok = torch.arange(S, device=dev) < suffix_lens.long()[:, None]  # [R, S]
+    lse_s, o_s = _attend(s, s_ok[:, None, None, :], suffix_v.float(), "rhgs,rshd->rhgd")
+
+    # Merge by log-sum-exp.
+    lse = torch.logaddexp(lse_p, lse_s)
+    lse = torch.where(torch.isinf(lse), 0.0, lse)[..., None]
+    o = torch.exp(lse_p[..., None] - lse) * o_p + torch.exp(lse_s[..., None] - lse) * o_s
+    return o.reshape(R, Hq, D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Triton kernel: program (b, h, z) takes the rows of prompt b in blocks of BLOCK_R (blocks z,
+#    z + Z, z + 2Z, ...) and, for each block, all G query heads of KV head h: a [BLOCK_R*GP, D]
+#    tile of queries (lane i = row i // GP, head g = i % GP; GP is G rounded up to a power of
+#    two, the extra lanes masked). It walks the prompt's KV in BLOCK_T tiles with tl.dot (the
+#    prompt KV is read once per block of rows), then the rows' own suffixes, one entry at a time
+#    for all rows of the block in a [BLOCK_R, GP, D] view (each row has its own keys: multiply
+#    and sum instead of a dot; one K/V load per row serves its G heads), and writes o.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _prefix_attention_kernel(
+    q_ptr, pk_ptr, pv_ptr, prefix_cu_ptr, row_cu_ptr, sk_ptr, sv_ptr, slen_ptr, o_ptr,
+    D, qk_scale,
+    stride_qr, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+    stride_skr, stride_sks, stride_skh, stride_svr, stride_svs, stride_svh,
+    stride_or, stride_oh,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p_start = tl.load(prefix_cu_ptr + b)
+    p_end = tl.load(prefix_cu_ptr + b + 1)
+    r_first = tl.load(row_cu_ptr + b) + tl.program_id(2) * BLOCK_R
+    r_end = tl.load(row_cu_ptr + b + 1)
+    r_step = tl.num_programs(2) * BLOCK_R
+
+    i = tl.arange(0, BLOCK_R * GP)  # flat lanes, for the prompt part
+    g = tl.arange(0, GP)  # [BLOCK_R, GP] view, for the suffix part and the output
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    for r0 in range(r_first, r_end, r_step):
+        rows = (r0 + i // GP).to(tl.int64)  # R * S * Hkv * D may pass 2^31
+        ok = (rows < r_end) & (i % GP < G)
+        q = tl.load(q_ptr + rows[:, None] * stride_qr + (h * G + i % GP)[:, None] * stride_qh
+                    + dd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 dots wrongly
+            q = q.to(tl.float32)
+        # Finite start: a fully masked tile then gives alpha = 1, p = 0 instead of NaN.
+        m = tl.full([BLOCK_R * GP], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_R * GP], tl.float32)
+        acc = tl.zeros([BLOCK_R * GP, BLOCK_D], tl.float32)
+
+        # The prompt; scores in log2 units (qk_scale = scale * log2(e)), hence exp2.
+        for t0 in range(p_start, p_end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < p_end
+            t64 = t.to(tl.int64)  # T * Hkv * D may pass 2^31
+            kt = tl.load(pk_ptr + t64[None, :] * stride_pkt + h * stride_pkh + dd[:, None],
+                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_T]
+            v = tl.load(pv_ptr + t64[:, None] * stride_pvt + h * stride_pvh + dd[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m = m_new
+
+        # The rows' own suffixes, continuing the same online softmax: that is the LSE merge of
+        # the prompt part and the suffix part, done one key at a time.
+        rr = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        r_ok = rr < r_end
+        slen = tl.load(slen_ptr + rr, mask=r_ok, other=0)
+        qs = tl.reshape(q.to(tl.float32) * qk_scale, [BLOCK_R, GP, BLOCK_D])
+        acc3 = tl.reshape(acc, [BLOCK_R, GP, BLOCK_D])
+        m2 = tl.reshape(m, [BLOCK_R, GP])
+        l2 = tl.reshape(l, [BLOCK_R, GP])
+        sk_row = sk_ptr + rr[:, None] * stride_skr + h * stride_skh + dd[None, :]
+        sv_row = sv_ptr + rr[:, None] * stride_svr + h * stride_svh + dd[None, :]
+        for j in range(0, tl.max(slen, axis=0)):
+            on = j < slen
+            kv_mask = on[:, None] & d_ok[None, :]
+            kj = tl.load(sk_row + j * stride_sks, mask=kv_mask, other=0.0).to(tl.float32)
+            vj = tl.load(sv_row + j * stride_svs, mask=kv_mask, other=0.0).to(tl.float32)
+            sj = tl.where(on[:, None], tl.sum(qs * kj[:, None, :], axis=2), float("-inf"))
+            m_new = tl.maximum(m2, sj)
+            alpha = tl.exp2(m2 - m_new)
+            p = tl.exp2(sj - m_new)
+            l2 = l2 * alpha + p
+            acc3 = acc3 * alpha[:, :, None] + p[:, :, None] * vj[:, None, :]
+            m2 = m_new
+
+        o = acc3 / tl.where(l2 > 0.0, l2, 1.0)[:, :, None]  # l = 0: nothing attended, acc = 0
+        o_ok = (r_ok[:, None] & (g < G)[None, :])[:, :, None] & d_ok[None, None, :]
+        tl.store(o_ptr + rr[:, None, None] * stride_or + (h * G + g)[None, :, None] * stride_oh
+                 + dd[None, None, :], o.to(o_ptr.dtype.element_ty), mask=o_ok)
+
+
+def _config(rows_per_prompt, gp, d, dtype):
+    """(BLOCK_R, BLOCK_T, BLOCK_D, num_warps). The query tile has BLOCK_R * GP lanes: at least
+    16 (tl.dot), no more rows than an average prompt has, and at most what fits in registers
+    next to a D-wide accumulator (sm_90, checked with ptxas: 64 x 64 and 32 x 128 for 16-bit
+    inputs on 8 warps; fp32, whose ieee dots run on the CUDA cores, 16 x 16-token tiles). Under
+    the interpreter, at most 32 lanes and 16-token tiles, so that tests see several of each."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if INTERPRET:
+        lanes, block_t = 32, 16
+    elif dtype == torch.float32:
+        lanes, block_t = 16, 16
+    else:
+        lanes, block_t = max(16, min(64, 4096 // block_d)), 64
+    block_r = min(max(triton.next_power_of_2(rows_per_prompt), 16 // gp, 1), max(lanes // gp, 1))
+    return block_r, block_t, block_d, 8
+
+
+def _kernel_dtype(t):
+    """tl.dot takes fp32, fp16 and bf16; other float types (fp64) go in as fp32."""
+    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _shared_prefix_attention_triton(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v,
+                                    suffix_lens, scale):
+    R, Hq, D = q.shape
+    Hkv = prefix_k.shape[1]
+    B = prefix_cu.numel() - 1
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
+    q, prefix_k, prefix_v, suffix_k, suffix_v = (
+        _last_dim_contiguous(_kernel_dtype(t)) for t in (q, prefix_k, prefix_v, suffix_k, suffix_v))
+    prefix_cu, row_cu, suffix_lens = (
+        t.to(torch.int32).contiguous() for t in (prefix_cu, row_cu, suffix_lens))
+    o = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)
+    block_r, block_t, block_d, num_warps = _config(triton.cdiv(R, B), GP, D, q.dtype)
+    # Enough programs per (prompt, KV head) for an average prompt's rows; a larger prompt's
+    # extra blocks loop inside the programs. No host sync: R and B are shapes.
+    grid = (B, Hkv, triton.cdiv(triton.cdiv(R, B), block_r))
+    _prefix_attention_kernel[grid](
+        q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens, o,
+        D, scale * _LOG2E,
+        q.stride(0), q.stride(1), prefix_k.stride(0), prefix_k.stride(1),
+        prefix_v.stride(0), prefix_v.stride(1),
+        suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
+        suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
+        o.stride(0), o.stride(1),
+        G=G, GP=GP, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, UPCAST=INTERPRET,
+        PRECISION="ieee",  # fp32 inputs: exact fp32 dots, not tf32 (decode is memory bound)
+        num_warps=num_warps)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Public entry point
+# ---------------------------------------------------------------------------------------------
+def _is_int(t):
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _check_shapes(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens):
+    """Shapes, dtypes and devices: no host sync."""
+    if q.dim() != 3 or not q.is_floating_point():
+        raise InvalidInputError(f"q: expected a float [R, Hq, D] tensor, got {q.dtype} "
+                                f"{list(q.shape)}")
+    R, Hq, D = q.shape
+    if prefix_k.dim() != 3 or prefix_k.shape[2] != D:
+        raise InvalidInputError(f"prefix_k: expected [T, Hkv, D={D}], got {list(prefix_k.shape)}")
+    T, Hkv, _ = prefix_k.shape
+    if prefix_v.shape != prefix_k.shape:
+        raise InvalidInputError(f"prefix_v: expected the shape of prefix_k {list(prefix_k.shape)}, "
+                                f"got {list(prefix_v.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise InvalidInputError(f"q has Hq={Hq} heads: expected a multiple of the Hkv={Hkv} KV "
+                                "heads of prefix_k (query head h reads KV head h // (Hq / Hkv))")
+    if suffix_k.dim() != 4 or suffix_k.shape[0] != R or suffix_k.shape[2:] != (Hkv, D):
+        raise InvalidInputError(f"suffix_k: expected [R={R}, S, Hkv={Hkv}, D={D}], got "
+                                f"{list(suffix_k.shape)}")
+    if suffix_v.shape != suffix_k.shape:
+        raise InvalidInputError(f"suffix_v: expected the shape of suffix_k {list(suffix_k.shape)}, "
+                                f"got {list(suffix_v.shape)}")
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v), ("suffix_k", suffix_k),
+                    ("suffix_v", suffix_v)):
+        if t.dtype != q.dtype:
+            raise InvalidInputError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+    if prefix_cu.dim() != 1 or prefix_cu.numel() < 1 or not _is_int(prefix_cu):
+        raise InvalidInputError(f"prefix_cu: expected an integer [B+1] tensor, got "
+                                f"{prefix_cu.dtype} {list(prefix_cu.shape)}")
+    if row_cu.shape != prefix_cu.shape or not _is_int(row_cu):
+        raise InvalidInputError(f"row_cu: expected an integer tensor of the shape of prefix_cu "
+                                f"{list(prefix_cu.shape)} (one entry per prompt + 1), got "
+                                f"{row_cu.dtype} {list(row_cu.shape)}")
+    if suffix_lens.shape != (R,) or not _is_int(suffix_lens):
+        raise InvalidInputError(f"suffix_lens: expected an integer [R={R}] tensor, got "
+                                f"{suffix_lens.dtype} {list(suffix_lens.shape)}")
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v), ("prefix_cu", prefix_cu),
+                    ("row_cu", row_cu), ("suffix_k", suffix_k), ("suffix_v", suffix_v),
+                    ("suffix_lens", suffix_lens)):
+        if t.device != q.device:
+            raise InvalidInputError(f"{name} is on {t.device} but q on {q.device}")
+
+
+def _check_values(q, prefix_k, prefix_cu, row_cu, suffix_k, suffix_lens):
+    """The offsets and lengths, in one host transfer; details worked out only on failure."""
+    R, T, S = q.shape[0], prefix_k.shape[0], suffix_k.shape[1]
+    pcu, rcu, slen = prefix_cu.long(), row_cu.long(), suffix_lens.long()
+    p_ends, p_steps, r_ends, r_steps, s_range = torch.stack([
+        (pcu[0] == 0) & (pcu[-1] == T), (pcu[1:] > pcu[:-1]).all(),
+        (rcu[0] == 0) & (rcu[-1] == R), (rcu[1:] >= rcu[:-1]).all(),
+        ((slen >= 0) & (slen <= S)).all()]).tolist()
+    if not p_ends:
+        raise InvalidInputError(f"prefix_cu: expected prefix_cu[0] = 0 and prefix_cu[-1] = T = {T} "
+                                f"(the packed prompt tokens), got {pcu[0].item()} and "
+                                f"{pcu[-1].item()}")
+    if not p_steps:
+        b = torch.nonzero(pcu[1:] <= pcu[:-1])[0].item()
+        raise InvalidInputError(f"prefix_cu: every prompt needs at least one token, prompt {b} has "
+                                f"{(pcu[b + 1] - pcu[b]).item()}")
+    if not (r_ends and r_steps):
+        raise InvalidInputError(f"row_cu: expected nondecreasing offsets from 0 to R = {R} (the "
+                                f"rows of the prompts must cover all query rows), got "
+                                f"{rcu.tolist() if rcu.numel() <= 20 else rcu}")
+    if not s_range:
+        raise InvalidInputError(f"suffix_lens: expected values in 0..S = {S} (the suffix "
+                                f"capacity), got {slen.min().item()}..{slen.max().item()}")
+
+
+def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                            prefix_cu: torch.Tensor, row_cu: torch.Tensor, suffix_k: torch.Tensor,
+                            suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
+                            scale: float | None = None, check: bool = True) -> torch.Tensor:
+    """One decode step of attention for rows that share their prompt's KV.
+
+    q [R, Hq, D] (one query token per row); prefix_k, prefix_v [T, Hkv, D]: all prompts' KV
+    packed, prompt b at rows prefix_cu[b] .. prefix_cu[b+1]-1 (prefix_cu int [B+1], starts at 0,
+    every prompt >= 1 token); row_cu int [B+1]: the rows of prompt b are q rows
+    row_cu[b] .. row_cu[b+1]-1 (a prompt may have no rows); suffix_k, suffix_v [R, S, Hkv, D]:
+    each row's own KV, entries 0 .. suffix_lens[r]-1 valid (suffix_lens int [R], may be 0).
+    All float tensors share q's dtype (fp32, bf16, fp16; fp64 runs as fp32). Hq must be a
+    multiple of Hkv (query head h reads KV head h // (Hq / Hkv)); scale defaults to 1/sqrt(D).
+    Returns o [R, Hq, D] in q.dtype.
+
+    Shapes are always checked; check=False skips the checks of the offsets and lengths (one
+    host sync), which the kernel trusts: wrong ones read out of bounds.
+    """
+    _check_shapes(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
+    if check:
+        _check_values(q, prefix_k, prefix_cu, row_cu, suffix_k, suffix_lens)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    if q.shape[0] == 0:
+        return q.new_empty(q.shape)
+    args = (q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
+    if not use_triton(*args):
+        return shared_prefix_attention_reference(*args, scale=scale)
+    return _shared_prefix_attention_triton(*args, scale).to(q.dtype)
