@@ -1,0 +1,228 @@
+"""The decoder runner against the HF forward, and trie-constrained beam search against HF
+`generate` with an exact trie in prefix_allowed_tokens_fn, on small random float32 models of
+the three families we run (Qwen3, Qwen2, Llama)."""
+import numpy as np
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, LogitsProcessorList, Qwen2Config,
+                          Qwen3Config)
+
+from gream_fast import GreamError
+from gream_fast.generate import SIDConstraint, beam_search, recommend, sample
+from gream_fast.generate.hf import SIDLogitsProcessor
+from gream_fast.index.semantic_index import SemanticIndex
+from gream_fast.model import DecoderRunner, HFRunner
+
+VOCAB, EOS, PAD, SID_BASE = 160, 2, 0, 40
+LEVELS, K = 3, 8  # SID tokens: (LEVELS + 1) x K ids from SID_BASE
+
+
+def tiny(family, seed=0):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False, initializer_range=0.15, eos_token_id=EOS,
+                  pad_token_id=PAD)
+    cfg = {"qwen3": lambda: Qwen3Config(head_dim=16, **common),
+           "qwen2": lambda: Qwen2Config(**common),
+           "llama": lambda: LlamaConfig(attention_bias=True, **common)}[family]()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+    if family == "llama":  # attention_bias: make the biases non-zero so they are exercised
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.1)
+                layer.self_attn.k_proj.bias.normal_(0, 0.1)
+    return model
+
+
+def random_prompts(n, seed, lo=3, hi=12):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, SID_BASE, (m,), generator=g).tolist() for m in lens]
+
+
+def make_constraint(n_items=90, seed=0):
+    """Random codes with some collisions (so SIDs have LEVELS or LEVELS + 1 tokens)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, K, size=(n_items, LEVELS))
+    codes[1] = codes[0]  # a collision group
+    codes[7] = codes[5]
+    index = SemanticIndex.from_codes(codes, K)
+    table = SID_BASE + np.arange((LEVELS + 1) * K).reshape(LEVELS + 1, K)
+    return SIDConstraint(index, token_table=table, eos_token_id=EOS)
+
+
+def hf_last_logits(model, seqs):
+    return torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_runner_matches_hf_forward(family):
+    model = tiny(family)
+    runner = DecoderRunner(model)
+    prompts = random_prompts(4, seed=1)
+    rows = 3
+    with torch.no_grad():
+        hidden, state = runner.prefill(prompts, rows, suffix_capacity=4)
+        torch.testing.assert_close(runner.logits(hidden), hf_last_logits(model, prompts),
+                                   atol=1e-5, rtol=1e-5)
+        g = torch.Generator().manual_seed(2)
+        generated = [[] for _ in range(len(prompts) * rows)]
+        for step in range(4):
+            if step == 2:  # beams reorder: row r continues row parents[r] of the same prompt
+                parents = torch.tensor([p * rows + (r + 1) % rows for p in range(len(prompts))
+                                        for r in range(rows)])
+                state.reorder(parents)
+                generated = [list(generated[i]) for i in parents.tolist()]
+            tokens = torch.randint(3, VOCAB, (len(generated),), generator=g)
+            for r, t in enumerate(tokens.tolist()):
+                generated[r].append(t)
+            hidden = runner.decode(tokens, state)
+            seqs = [prompts[r // rows] + generated[r] for r in range(len(generated))]
+            torch.testing.assert_close(runner.logits(hidden), hf_last_logits(model, seqs),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def hf_generate(model, prompts, constraint, num_beams, top_k, length_penalty=1.0,
+                early_stopping=False, processor=False):
+    """HF beam search with the exact trie as prefix_allowed_tokens_fn (the users' baseline), or
+    with our SIDLogitsProcessor (processor=True)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    trie = constraint.trie
+
+    def allowed(_, seq):
+        nxt = trie.allowed(seq[width:]).tolist()
+        return nxt or [EOS]  # only beams already past EOS (score -1e9) get here
+
+    how = ({"logits_processor": LogitsProcessorList([SIDLogitsProcessor(constraint, width)])}
+           if processor else {"prefix_allowed_tokens_fn": allowed})
+    out = model.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams,
+                         num_return_sequences=top_k, max_new_tokens=constraint.max_len,
+                         do_sample=False, **how,
+                         length_penalty=length_penalty, early_stopping=early_stopping,
+                         return_dict_in_generate=True, output_scores=True,
+                         eos_token_id=EOS, pad_token_id=PAD)
+    gen = out.sequences[:, width:].clone()
+    after = (gen == EOS).cumsum(1) - (gen == EOS).int() > 0  # tokens after the first EOS
+    gen[after] = -1
+    items = torch.as_tensor(trie.lookup(gen.numpy())).view(len(prompts), top_k)
+    return items, out.sequences_scores.view(len(prompts), top_k)
+
+
+@pytest.mark.parametrize("family,num_beams,top_k,penalty,early", [
+    ("qwen3", 10, 10, 1.0, False),
+    ("qwen2", 6, 4, 1.0, False),
+    ("llama", 8, 5, 0.5, True),
+])
+def test_beam_search_matches_hf_generate(family, num_beams, top_k, penalty, early):
+    model = tiny(family, seed=3)
+    constraint = make_constraint()
+    prompts = random_prompts(5, seed=4)
+    ours = beam_search(DecoderRunner(model), prompts, constraint, num_beams, top_k,
+                       length_penalty=penalty, early_stopping=early)
+    items, scores = hf_generate(model, prompts, constraint, num_beams, top_k, penalty, early)
+    assert (items >= 0).all()
+    assert torch.equal(ours.items, items)
+    torch.testing.assert_close(ours.scores, scores, atol=1e-4, rtol=0)
+
+
+def test_logits_processor_is_a_drop_in_for_the_trie_callback():
+    model = tiny("qwen3", seed=15)
+    constraint = make_constraint(seed=6)
+    prompts = random_prompts(3, seed=16)
+    items, scores = hf_generate(model, prompts, constraint, 6, 6)
+    items2, scores2 = hf_generate(model, prompts, constraint, 6, 6, processor=True)
+    assert torch.equal(items, items2) and (items >= 0).all()
+    torch.testing.assert_close(scores, scores2, atol=1e-6, rtol=0)
+
+
+def test_results_are_real_distinct_items_and_hf_runner_agrees():
+    model = tiny("qwen3", seed=5)
+    constraint = make_constraint(seed=1)
+    prompts = random_prompts(3, seed=6)
+    ours = beam_search(DecoderRunner(model), prompts, constraint, 10, 10)
+    fallback = beam_search(HFRunner(model), prompts, constraint, 10, 10)
+    assert torch.equal(ours.items, fallback.items)
+    torch.testing.assert_close(ours.scores, fallback.scores, atol=1e-4, rtol=0)
+    for row in ours.items.tolist():
+        assert len(set(row)) == len(row) and min(row) >= 0
+    # each returned token sequence spells its item, then EOS
+    seqs = ours.tokens.view(-1, ours.tokens.shape[-1]).numpy()
+    assert np.array_equal(constraint.trie.lookup(seqs), ours.items.view(-1).numpy())
+    assert (ours.scores[:, :-1] >= ours.scores[:, 1:]).all()
+
+
+def test_sid_scores_renormalise_over_the_level():
+    model = tiny("qwen3", seed=7)
+    constraint = make_constraint(seed=2)
+    prompts = random_prompts(2, seed=8)
+    res = beam_search(DecoderRunner(model), prompts, constraint, 6, 6, score="sid")
+    runner = DecoderRunner(model)
+    # recompute the best item's score by hand: sum over its SID tokens of log-softmax over that
+    # level's K tokens, + 0 for EOS, divided by the number of generated tokens
+    for b, p in enumerate(prompts):
+        item = int(res.items[b, 0])
+        toks = [t for t in res.tokens[b, 0].tolist() if t >= 0]
+        total = 0.0
+        for depth, tok in enumerate(toks[:-1]):
+            rows = constraint.level_rows(depth)
+            with torch.no_grad():
+                hidden = runner.model(torch.tensor([p + toks[:depth]]), output_hidden_states=True
+                                      ).hidden_states[-1][0, -1]
+            total += float(torch.log_softmax(runner.logits(hidden, rows), -1)[tok - rows.start])
+        assert constraint.trie.lookup(np.array([toks]))[0] == item
+        assert float(res.scores[b, 0]) == pytest.approx(total / len(toks), abs=1e-4)
+
+
+def test_recommend_api_and_bad_input():
+    model = tiny("qwen3", seed=9)
+    constraint = make_constraint(seed=3)
+    items, scores = recommend(model, None, constraint, random_prompts(2, seed=10), num_beams=4,
+                              top_k=3)
+    assert items.shape == scores.shape == (2, 3)
+    with pytest.raises(GreamError, match="top_k"):
+        recommend(model, None, constraint, [[5, 6]], num_beams=4, top_k=5)
+    with pytest.raises(GreamError, match="empty"):
+        recommend(model, None, constraint, [[5, 6], []], num_beams=4, top_k=3)
+    with pytest.raises(GreamError, match="no tokenizer"):
+        recommend(model, None, constraint, ["a prompt"], num_beams=4, top_k=3)
+    with pytest.raises(GreamError, match="score"):
+        recommend(model, None, constraint, [[5]], num_beams=4, top_k=3, score="bogus")
+
+
+def test_sample_is_seeded_real_and_reports_the_policy_logprobs():
+    model = tiny("qwen3", seed=11)
+    constraint = make_constraint(seed=4)
+    prompts = random_prompts(3, seed=12)
+    a = sample(model, prompts, constraint, n=5, seed=1)
+    b = sample(model, prompts, constraint, n=5, seed=1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, sample(model, prompts, constraint, n=5, seed=2).tokens)
+    assert torch.equal(a.prompt, torch.arange(3).repeat_interleave(5))
+    assert (a.items >= 0).all()
+    # the log-prob of each response token is the model's full-vocabulary log-softmax
+    for r in range(a.tokens.shape[0]):
+        toks = a.tokens[r][a.mask[r]].tolist()
+        assert toks[-1] == EOS
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[r // 5] + toks])).logits[0]
+        lp = torch.log_softmax(logits[len(prompts[r // 5]) - 1:-1], -1)
+        want = lp[torch.arange(len(toks)), torch.tensor(toks)]
+        torch.testing.assert_close(a.logprobs[r][a.mask[r]], want, atol=1e-5, rtol=0)
+
+
+def test_sample_top_p_keeps_the_most_likely_child():
+    """(The sampling distribution itself is tested on sample_children in test_trie_logits.)"""
+    model = tiny("qwen2", seed=13)
+    constraint = make_constraint(seed=5)
+    prompt = random_prompts(1, seed=14)
+    with torch.no_grad():
+        logits = model(torch.tensor(prompt)).logits[0, -1]
+    children = torch.as_tensor(constraint.trie.allowed([]))
+    greedy = sample(model, prompt, constraint, n=4, seed=0, top_p=1e-6, temperature=0.7)
+    assert (greedy.tokens[:, 0] == children[logits[children].argmax()]).all()
