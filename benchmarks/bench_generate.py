@@ -158,9 +158,6 @@ def bench_case(bench, args, shape, b, p, n_items, levels, k):
     bench.note(f"{case}: prefill {t_pre * 1e3:.2f} ms, one decode step over {b * BEAMS} rows "
                f"{t_step * 1e3:.2f} ms (trunk only, no head); {steps} steps per search"
                + ("" if floor is None else f"; floor {floor * 1e3:.2f} ms per batch"))
-    del model, runner, state
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def bench_kernels(bench, args):
@@ -215,6 +212,7 @@ def main(argv=None):
                 ("qwen3-0.6b", 16), ("qwen3-0.6b", 64), ("qwen3-4b", 16)]
             for shape, b in cases:
                 bench_case(bench, args, shape, b, 128, 20_000, 4, 256)
+                torch.cuda.empty_cache()  # the case's model is gone: free its memory
             bench_kernels(bench, args)
         elif args.quick:
             bench_case(bench, args, "tiny", 4, 32, 1000, 3, 32)
