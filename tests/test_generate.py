@@ -226,3 +226,22 @@ def test_sample_top_p_keeps_the_most_likely_child():
     children = torch.as_tensor(constraint.trie.allowed([]))
     greedy = sample(model, prompt, constraint, n=4, seed=0, top_p=1e-6, temperature=0.7)
     assert (greedy.tokens[:, 0] == children[logits[children].argmax()]).all()
+
+
+def test_batches_that_do_not_fit_are_split_not_dropped():
+    from gream_fast.model.runner import bytes_per_prompt, plan_batches
+
+    model = tiny("qwen3", seed=17)
+    constraint = make_constraint(seed=7)
+    prompts = random_prompts(5, seed=18)
+    runner = DecoderRunner(model)
+    need = max(bytes_per_prompt(runner, len(p), 4, constraint.max_len) for p in prompts)
+    chunks = plan_batches(runner, prompts, 4, constraint.max_len, budget=2 * need)
+    assert len(chunks) >= 3 and chunks[0].start == 0 and chunks[-1].stop == 5
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    assert plan_batches(runner, prompts, 4, constraint.max_len, budget=1) == [
+        slice(i, i + 1) for i in range(5)]  # too small for any: one prompt per batch
+    whole = recommend(model, None, constraint, prompts, num_beams=4, top_k=3)
+    split = recommend(model, None, constraint, prompts, num_beams=4, top_k=3, memory_budget=2 * need)
+    assert torch.equal(whole[0], split[0])
+    torch.testing.assert_close(whole[1], split[1], atol=1e-5, rtol=0)

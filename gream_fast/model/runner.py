@@ -315,3 +315,37 @@ class HFRunner:
 def make_runner(model):
     """DecoderRunner where it supports the architecture, HFRunner otherwise."""
     return DecoderRunner(model) if supports(model) else HFRunner(model)
+
+
+def bytes_per_prompt(runner, prompt_len: int, rows: int, steps: int) -> int:
+    """Device memory one prompt needs in a generation batch: its KV (stored once), its rows'
+    suffix KV, the prefill's widest activations and the rows' float32 logits."""
+    cfg = runner.config
+    item = runner.lm_head.weight.element_size()
+    heads = cfg.num_attention_heads
+    kv_token = 2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or heads) * (
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * item
+    inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size  # other families
+    act = prompt_len * (3 * cfg.hidden_size + 2 * inter) * item
+    logits = rows * cfg.vocab_size * 4 * 3  # logits, log-softmax and top-k scratch
+    return kv_token * (prompt_len + rows * steps) + act + logits
+
+
+def plan_batches(runner, prompts, rows: int, steps: int, budget: int | None = None) -> list:
+    """Split prompts into consecutive chunks whose memory (bytes_per_prompt) fits `budget`
+    (default: 80% of the free device memory on CUDA, no limit on CPU). Never drops a prompt:
+    one that alone exceeds the budget runs alone."""
+    if budget is None:
+        if runner.device.type != "cuda":
+            return [slice(0, len(prompts))]
+        free, _ = torch.cuda.mem_get_info(runner.device)
+        budget = int(0.8 * free)
+    chunks, start, used = [], 0, 0
+    for i, p in enumerate(prompts):
+        need = bytes_per_prompt(runner, len(p), rows, steps)
+        if i > start and used + need > budget:
+            chunks.append(slice(start, i))
+            start, used = i, 0
+        used += need
+    chunks.append(slice(start, len(prompts)))
+    return chunks
