@@ -245,3 +245,42 @@ def test_batches_that_do_not_fit_are_split_not_dropped():
     split = recommend(model, None, constraint, prompts, num_beams=4, top_k=3, memory_budget=2 * need)
     assert torch.equal(whole[0], split[0])
     torch.testing.assert_close(whole[1], split[1], atol=1e-5, rtol=0)
+
+
+def hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=PAD)
+    return out[0, len(prompt):].tolist()
+
+
+def test_reasoning_thinks_like_hf_greedy_and_answers_with_real_items():
+    from gream_fast.generate.reasoning import reason_and_recommend, think
+
+    model = tiny("qwen3", seed=19)
+    prompts = random_prompts(4, seed=20)
+    runner = DecoderRunner(model)
+    free = [hf_greedy(model, p, 12) for p in prompts]
+    # the answer marker: a token prompt 0's greedy text reaches at step 3; prompt 0 must stop
+    # there while the others run on (and leave the batch at different times, or hit the budget)
+    marker = [free[0][3]]
+    reasoning, forced = think(runner, prompts, marker, budget=12, temperature=0)
+    for p, (r, f) in enumerate(zip(reasoning, forced.tolist())):
+        cut = free[p].index(marker[0]) + 1 if marker[0] in free[p] else None
+        if cut is not None:
+            assert r == free[p][:cut] and not f
+        else:
+            assert r == free[p] + marker and f
+    assert reasoning[0] == free[0][:4]
+
+    constraint = make_constraint(seed=8)
+    res = reason_and_recommend(model, None, constraint, prompts, think_budget=6, temperature=0,
+                               num_beams=5, top_k=5, answer_ids=[7, 8], end_token_id=EOS)
+    assert all(r[-2:] == [7, 8] and len(r) <= 8 for r in res.reasoning)
+    direct = beam_search(runner, [p + r for p, r in zip(prompts, res.reasoning)], constraint, 5, 5)
+    assert torch.equal(res.items, direct.items) and (res.items >= 0).all()
+    sampled = reason_and_recommend(model, None, constraint, prompts, think_budget=6, seed=1,
+                                   num_beams=5, top_k=5, answer_ids=[7, 8], end_token_id=EOS)
+    again = reason_and_recommend(model, None, constraint, prompts, think_budget=6, seed=1,
+                                 num_beams=5, top_k=5, answer_ids=[7, 8], end_token_id=EOS)
+    assert sampled.reasoning == again.reasoning and torch.equal(sampled.items, again.items)
