@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "the largest code in the file)")
     add_embed(index)
     add_build(index)
+
+    from gream_fast.eval.cli import add_cli as add_eval
+
+    add_eval(stages)  # eval, recommend
     return parser
 
 

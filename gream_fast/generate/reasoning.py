@@ -5,9 +5,9 @@ top_p, or greedy at temperature 0) until the answer marker (`<answer>`) appears,
 think budget runs out, when the marker is forced. Rows that finish leave the batch, so the
 long ones run at full speed. Phase 2 ranks items by trie-constrained beam search after
 prompt + reasoning + marker (the answer is always a real item, **beyond** the reference's
-unconstrained answer), each SID closed by the end token (`</answer>` where it is one token,
-else EOS). One reasoning chain per prompt: the beams branch at the answer, where the ranking is
-decided.
+unconstrained answer), each SID closed by `</answer>`. One reasoning chain per prompt: the
+beams branch at the answer, where the ranking is decided. Where `</answer>` is several
+tokens, its first token closes the SID.
 """
 from dataclasses import dataclass
 
@@ -44,8 +44,11 @@ def sample_logits(logits, temperature: float, top_p: float, generator=None) -> t
 
 @torch.no_grad()
 def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
-          top_p: float = 0.9, eos_token_id: int | None = None, seed: int = 0):
-    """Phase 1: reasoning tokens per prompt (ending with answer_ids) and whether forced."""
+          top_p: float = 0.9, eos_token_id: int | None = None, seed: int = 0,
+          tokenizer=None, answer: str | None = None):
+    """Phase 1: reasoning tokens per prompt (ending with the marker) and whether forced. The
+    marker is found as the token ids answer_ids, or, given a tokenizer and the `answer` text,
+    in the decoded text (BPE tokenizes " <answer>" in running text unlike "<answer>" alone)."""
     answer_ids = [int(t) for t in answer_ids]
     if not answer_ids or budget < 0:
         raise InvalidInputError("think: answer_ids must be non-empty and budget >= 0")
@@ -64,7 +67,11 @@ def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
         tail = torch.cat([tail[:, 1:], tok[:, None]], 1)
         for r, t in zip(rows.tolist(), tok.tolist()):
             out[r].append(t)
-        done = (tail == marker).all(1)
+        if tokenizer is not None and answer is not None:
+            texts = tokenizer.batch_decode([out[r][-2 * m - 2:] for r in rows.tolist()])
+            done = torch.tensor([answer in t for t in texts], device=tok.device)
+        else:
+            done = (tail == marker).all(1)
         if eos_token_id is not None:  # ended without an answer: answer now
             done |= tok == eos_token_id
         if step == budget - 1:
@@ -77,7 +84,9 @@ def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
             rows, hidden, tok, tail = rows[keep.cpu()], hidden[keep], tok[keep], tail[keep]
         hidden = runner.decode(tok, state)
     for r in range(b):
-        if out[r][-m:] != answer_ids:
+        text_done = (tokenizer is not None and answer is not None
+                     and answer in tokenizer.decode(out[r][-2 * m - 2:]))
+        if out[r][-m:] != answer_ids and not text_done:
             if eos_token_id is not None and out[r] and out[r][-1] == eos_token_id:
                 out[r].pop()
             else:
@@ -101,8 +110,8 @@ def reason_and_recommend(model, tokenizer, index, prompts, think_budget: int = 5
             raise InvalidInputError("reason_and_recommend: pass a tokenizer or answer_ids")
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if end_token_id is None and tokenizer is not None:
-        end = tokenizer(answer_end, add_special_tokens=False)["input_ids"]
-        end_token_id = end[0] if len(end) == 1 else tokenizer.eos_token_id
+        # the SID is closed by the end marker's first token (all of it when it is one token)
+        end_token_id = tokenizer(answer_end, add_special_tokens=False)["input_ids"][0]
     if isinstance(index, SIDConstraint):
         constraint = index
         if end_token_id is not None and constraint.eos_token_id != end_token_id:
@@ -113,7 +122,7 @@ def reason_and_recommend(model, tokenizer, index, prompts, think_budget: int = 5
                                    device=runner.device)
     eos = getattr(tokenizer, "eos_token_id", None)
     reasoning, forced = think(runner, prompts, answer_ids, think_budget, temperature, top_p,
-                              eos, seed)
+                              eos, seed, tokenizer, answer if tokenizer is not None else None)
     res = beam_search(runner, [p + r for p, r in zip(prompts, reasoning)], constraint,
                       num_beams, top_k, score)
     texts = [tokenizer.decode(r) for r in reasoning] if tokenizer is not None else [None] * len(prompts)
