@@ -140,9 +140,10 @@ def bench_case(bench, args, shape, b, p, n_items, levels, k):
             t = time_fn(ours, warmup=1, repeat=repeat, device=dev)["median"]
         items = ours().items.cpu()
         agree = float((items == hf_items).all(1).float().mean())
+        top1 = float((items[:, 0] == hf_items[:, 0]).float().mean())
         bench.add(case, f"ours score={score}", t, work=b, unit="users/s", baseline=t_hf,
                   roofline=None if floor is None else floor / t,
-                  notes=f"rows with HF's exact top-{BEAMS}: {agree:.0%}"
+                  notes=f"rows with HF's exact top-{BEAMS}: {agree:.0%}, same top-1: {top1:.0%}"
                   + ("" if score == "full" else " (sid ranks differently by design)"))
 
     # where our time goes: prefill alone, and one decode step over all B x beams rows
