@@ -35,6 +35,14 @@ def supports(model) -> bool:
     return cfg.model_type in SUPPORTED and not sliding and hasattr(model, "model")
 
 
+def group_rows(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows grouped by prompt, counts[b] rows for prompt b -> (row_cu int32 [B+1], row_prompt
+    int64 [R])."""
+    row_cu = torch.zeros(len(counts) + 1, dtype=torch.int32, device=counts.device)
+    row_cu[1:] = torch.cumsum(counts, 0)
+    return row_cu, torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+
 def pack_prompts(prompts, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-id lists -> (ids [T] int64, positions [T] int64, cu [B+1] int32)."""
     if len(prompts) == 0:
@@ -81,10 +89,8 @@ class KVState:
         """Keep only rows `keep` (sorted, so rows stay grouped by prompt): finished rows leave."""
         self.suffix_k = self.suffix_k[:, keep]
         self.suffix_v = self.suffix_v[:, keep]
-        self.row_prompt = self.row_prompt[keep]
-        counts = torch.bincount(self.row_prompt, minlength=len(self.prompt_lens))
-        self.row_cu = torch.zeros_like(self.row_cu)
-        self.row_cu[1:] = torch.cumsum(counts, 0)
+        self.row_cu, self.row_prompt = group_rows(
+            torch.bincount(self.row_prompt[keep], minlength=len(self.prompt_lens)))
 
 
 def rotate(x, cos, sin):
@@ -195,12 +201,10 @@ class DecoderRunner:
             x = self._block(layer, x, attend)
         last = self.norm(x[cu[1:].long() - 1])
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
-        row_cu = torch.zeros(len(prompts) + 1, dtype=torch.int32, device=self.device)
-        row_cu[1:] = torch.cumsum(counts, 0)
-        r = int(row_cu[-1])
-        shape = (len(self.layers), r, suffix_capacity, self.num_kv_heads, self.head_dim)
-        state = KVState(pk, pv, cu, lens, row_cu,
-                        torch.repeat_interleave(torch.arange(len(prompts), device=self.device), counts),
+        row_cu, row_prompt = group_rows(counts)
+        shape = (len(self.layers), len(row_prompt), suffix_capacity, self.num_kv_heads,
+                 self.head_dim)
+        state = KVState(pk, pv, cu, lens, row_cu, row_prompt,
                         torch.zeros(shape, dtype=self.dtype, device=self.device),
                         torch.zeros(shape, dtype=self.dtype, device=self.device))
         return last, state
@@ -227,6 +231,7 @@ class DecoderRunner:
         state.steps = s + 1
         return self.norm(x)
 
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """Float32 logits over the whole vocabulary, or over LM-head rows `rows` only."""
         w = self.lm_head.weight if rows is None else self.lm_head.weight[rows]
@@ -254,10 +259,8 @@ class TokenState:
 
     def select(self, keep: torch.Tensor) -> None:
         self.generated = self.generated[keep]
-        self.row_prompt = self.row_prompt[keep]
-        counts = torch.bincount(self.row_prompt, minlength=len(self.prompts))
-        self.row_cu = torch.zeros_like(self.row_cu)
-        self.row_cu[1:] = torch.cumsum(counts, 0)
+        self.row_cu, self.row_prompt = group_rows(
+            torch.bincount(self.row_prompt[keep], minlength=len(self.prompts)))
 
 
 class HFRunner:
@@ -291,11 +294,9 @@ class HFRunner:
         pack_prompts(prompts, "cpu")  # validates
         prompts = [list(map(int, p)) for p in prompts]
         counts = torch.as_tensor(rows_per_prompt).long().expand(len(prompts)).to(self.device)
-        row_cu = torch.zeros(len(prompts) + 1, dtype=torch.int32, device=self.device)
-        row_cu[1:] = torch.cumsum(counts, 0)
-        state = TokenState(prompts, row_cu,
-                           torch.repeat_interleave(torch.arange(len(prompts), device=self.device), counts),
-                           torch.zeros(int(row_cu[-1]), suffix_capacity, dtype=torch.int64,
+        row_cu, row_prompt = group_rows(counts)
+        state = TokenState(prompts, row_cu, row_prompt,
+                           torch.zeros(len(row_prompt), suffix_capacity, dtype=torch.int64,
                                        device=self.device))
         return self._last_hidden(prompts), state
 
