@@ -6,7 +6,8 @@ mask + log-softmax + top-k in one pass); the best 2 x num_beams of all proposals
 those among the first num_beams that end in EOS become finished hypotheses (score divided by
 generated_length ** length_penalty), the best num_beams that do not end continue. A prompt
 stops accepting hypotheses once no running beam can beat its worst finished one (HF's
-heuristic). All of it is tensor work over [B, beams]: no Python loop over rows.
+heuristic). All of it is tensor work over [B, beams]: no Python loop over rows, and no host
+synchronisation inside the loop (the prompts that stopped early just add nothing).
 
 Scores: score="full" uses log-softmax over the whole vocabulary (what HF computes);
 score="sid" normalises over the current level's SID tokens only and never computes the full
@@ -41,11 +42,10 @@ def step_candidates(runner, hidden, nodes, constraint, depth, k, score):
                         k, token_offset=rows.start, max_children=constraint.max_children)
     # rows at a complete SID: EOS is outside the slice; it is their only move, with score 0
     end = constraint.ends[nodes.clamp(min=0).long()] & (nodes >= 0)
-    if bool(end.any()):
-        eos_child = constraint.indptr[nodes.clamp(min=0).long()] + 1
-        s[:, 0] = torch.where(end, 0.0, s[:, 0])
-        t[:, 0] = torch.where(end, constraint.eos_token_id, t[:, 0])
-        c[:, 0] = torch.where(end, eos_child.to(c.dtype), c[:, 0])
+    eos_child = constraint.indptr[nodes.clamp(min=0).long()] + 1
+    s[:, 0] = torch.where(end, 0.0, s[:, 0])
+    t[:, 0] = torch.where(end, constraint.eos_token_id, t[:, 0])
+    c[:, 0] = torch.where(end, eos_child.to(c.dtype), c[:, 0])
     return s, t, c
 
 
@@ -111,8 +111,8 @@ def beam_search(runner, prompts, constraint, num_beams: int = 10, top_k: int = 1
         open_ &= ~all_done | (best > fin_scores.min(1).values)
         if early_stopping is True:
             open_ &= ~all_done
-        if t == max_len - 1 or not bool((open_ & (run_scores[:, 0] > NEG)).any()):
-            break
+        if t == max_len - 1:  # no early exit: a host sync per step costs more than the
+            break             # rare step it could save (SIDs end within one level of each other)
         if t:
             state.reorder((parents + ar * nb).view(-1))
         tokens = torch.where(nodes >= 0, run_tokens[:, :, t], constraint.eos_token_id)
