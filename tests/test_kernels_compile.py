@@ -70,6 +70,14 @@ KERNELS = [
      {**PREFIX_ATTENTION_SIG, **{k: "*fp32" for k in PREFIX_ATTENTION_TENSORS}},
      [{"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
       {"G": 1, "GP": 1, "BLOCK_R": 16, "BLOCK_T": 16, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"}]),
+    ("gream_fast.kernels.sid_logprob", "_lse_gather_kernel",
+     {"z_ptr": "*fp32", "tok_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32",
+      "K": "i32", "stride_z": "i32"},
+     [{"BLOCK_N": 16, "BLOCK_K": 256}]),
+    ("gream_fast.kernels.sid_logprob", "_softmax_grad_kernel",
+     {"z_ptr": "*fp32", "tok_ptr": "*i64", "lse_ptr": "*fp32", "g_ptr": "*fp32", "dz_ptr": "*fp32",
+      "N": "i32", "K": "i32", "stride_z": "i32", "stride_dz": "i32"},
+     [{"BLOCK_N": 16, "BLOCK_K": 256}]),
 ]
 
 SCRIPT = """
