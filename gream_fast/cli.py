@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gream_fast.eval.cli import add_cli as add_eval
 
     add_eval(stages)  # eval, recommend
+    from gream_fast.train.cli import add_cli as add_train
+
+    add_train(stages)  # train sft
     return parser
 
 

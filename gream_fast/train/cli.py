@@ -1,0 +1,22 @@
+"""`gream-fast train sft` (and, later, `train srpo`). Torch and transformers are imported when a
+command runs, not when the parser is built."""
+import json
+
+
+def add_cli(subparsers) -> None:
+    """Register the `train` group and its `sft` command on the top-level subparsers."""
+    from gream_fast.config import add_fields, from_args
+    from gream_fast.train.sft import HELP, SFTConfig
+
+    train = subparsers.add_parser("train", help="training stages: sft")
+    stages = train.add_subparsers(dest="action", required=True)
+    p = stages.add_parser("sft", help="supervised fine-tuning on the curriculum rows, in order")
+    add_fields(p, SFTConfig, required=("data", "out"), choices={"init": ("tiny",)}, help=HELP)
+
+    def sft_main(args):
+        from gream_fast.train.sft import train
+
+        summary = train(from_args(SFTConfig, args))
+        print(json.dumps(summary, indent=2))
+
+    p.set_defaults(run=sft_main)

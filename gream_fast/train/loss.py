@@ -1,0 +1,124 @@
+"""Cross-entropy over a large vocabulary without [tokens, vocab] logits for the whole batch.
+
+`chunked_cross_entropy(hidden, lm_head_weight, labels)` equals
+`F.cross_entropy(hidden @ lm_head_weight.T, labels, ignore_index=-100)` (value and gradients),
+computed chunk by chunk over the rows that carry a label only (prompt tokens of SFT rows cost
+nothing here).
+
+Choice: a torch.autograd.Function that computes the gradients in its forward pass, chunk by chunk,
+and keeps them (Liger-Kernel's fused linear cross-entropy works this way), rather than
+torch.utils.checkpoint per chunk. Per chunk, the logits are needed once for the loss and once for
+d loss / d logits = softmax - one_hot; doing both in the forward pass costs three matmuls per
+chunk (logits, grad wrt hidden, grad wrt weight), where checkpointing costs four (the backward
+recomputes the logits), and the loss is the end of the graph, so its backward only scales the
+kept gradients by grad_output (1 for `loss.backward()`).
+
+Memory, with C rows per chunk, V vocabulary rows, H hidden size, N rows of which n have labels:
+  naive: logits [N, V] in float32, plus their gradient: 2 x N x V x 4 bytes (Qwen3-0.6B, 8k
+    tokens: 2 x 8192 x 151936 x 4 = 9.9 GB).
+  here: one chunk's logits / probabilities in float32 (C x V x 4, overwritten in place by the
+    gradient) and their cast to the matmul dtype, plus the kept gradients: grad wrt hidden [N, H]
+    (autograd would hold it anyway) and the float32 accumulator of grad wrt weight [V, H]
+    (V x H x 4: 622 MB at Qwen3-0.6B; the optimizer needs a weight gradient of that size anyway).
+  The default chunk keeps C x V at 2^26 elements (256 MB of float32 logits): 443 rows at V=151936.
+Precision: the matmuls run in autocast's dtype when autocast is on (bfloat16 on GPU, as the LM
+head would; the weight is cast once per call), else in the dtype of `hidden`; log-sum-exp and the
+gradient of the logits in float32; the weight gradient accumulated over chunks in float32 (each
+chunk's product rounded to the matmul dtype first).
+"""
+import torch
+
+from gream_fast.errors import InvalidInputError
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 26  # default C x V
+
+
+def default_chunk(vocab: int) -> int:
+    return max(16, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, scale, dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, rows.numel(), chunk):
+                idx = rows[start:start + chunk]
+                h, y = hidden.index_select(0, idx).to(dtype), labels.index_select(0, idx)
+                logits = (h @ w.T).float()  # [C, V]
+                lse = torch.logsumexp(logits, dim=1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                # d/dlogits of scale * sum(lse - logit_y) = scale * (softmax - one_hot), in place
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(idx.numel(), device=g.device), y] -= 1.0
+                g = g.mul_(scale).to(dtype)
+                if need_h:
+                    grad_h.index_copy_(0, idx, (g @ w).to(grad_h.dtype))
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(g.T, h)
+                elif need_w:  # fp32 += bf16 in place: no float32 copy of the product
+                    grad_w += g.T @ h
+        ctx.save_for_backward(grad_h if need_h else None,
+                              grad_w.to(weight.dtype) if need_w else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                          labels: torch.Tensor, chunk: int | None = None,
+                          reduction: str = "mean", normalizer: float | None = None):
+    """(loss, count): cross-entropy of `labels` under logits `hidden @ lm_head_weight.T`, over
+    the positions whose label is not -100, and how many those are (an int).
+
+    hidden [N, H] (or [..., H] with labels [...]); lm_head_weight [V, H]; chunk: rows per chunk
+    (default: C x V = 2^26). reduction "mean" divides the sum by the count (0 when the count is
+    0), "sum" returns the sum; `normalizer`, when given, divides the sum by it instead (gradient
+    accumulation: the token count of the whole optimizer step). Labels are used as given: shift
+    them for next-token prediction before calling."""
+    if hidden.shape[:-1] != labels.shape:
+        raise InvalidInputError(f"chunked_cross_entropy: hidden {list(hidden.shape)} and labels "
+                                f"{list(labels.shape)} must agree but for hidden's last dim")
+    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise InvalidInputError(f"chunked_cross_entropy: lm_head_weight {list(lm_head_weight.shape)}"
+                                f": expected [vocab, {hidden.shape[-1]}]")
+    if reduction not in ("mean", "sum"):
+        raise InvalidInputError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    vocab = lm_head_weight.shape[0]
+    valid = labels != IGNORE_INDEX
+    count = int(valid.sum())
+    if count and bool(((labels < 0) & valid).any() or (labels >= vocab).any()):
+        bad = labels[valid & ((labels < 0) | (labels >= vocab))][0]
+        raise InvalidInputError(f"chunked_cross_entropy: label {int(bad)} outside the vocabulary "
+                                f"0..{vocab - 1} (and not the ignore index -100)")
+    chunk = chunk or default_chunk(vocab)
+    if chunk < 1:
+        raise InvalidInputError(f"chunk: expected >= 1, got {chunk}")
+    if normalizer is not None:
+        scale = 1.0 / normalizer if normalizer else 0.0
+    elif reduction == "mean":
+        scale = 1.0 / count if count else 0.0
+    else:
+        scale = 1.0
+    # the matmuls run in autocast's dtype when it is on (as the LM head would), else in hidden's
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    return _ChunkedCE.apply(hidden, lm_head_weight, labels, chunk, scale, dtype), count
