@@ -55,3 +55,16 @@ def test_dynamic_sampling_drops_zero_variance_groups():
     for item, rw, m in zip(items, rewards.tolist(), matches.tolist()):
         assert rw == (1.0 if item == target else [0.0, 0.5, 0.707][m])
     assert sid_trie(con).num_items == con.num_items
+
+
+def test_extra_draws_take_fresh_prompts():
+    model, con = setup(seed=2)
+    asked = []
+
+    def more(draw):
+        asked.append(draw)
+        return [[7, 8, draw]], [3]
+
+    # n = 1 never has variance: every draw is taken, the later ones from `more`
+    draw_groups(model, [[3, 4]], [0], con, SRPOStepConfig(n=1, max_draws=3), seed=0, more=more)
+    assert asked == [1, 2]

@@ -1,14 +1,14 @@
-"""`gream-fast train sft` (and, later, `train srpo`). Torch and transformers are imported when a
+"""`gream-fast train sft` and `gream-fast train srpo`. Torch and transformers are imported when a
 command runs, not when the parser is built."""
 import json
 
 
 def add_cli(subparsers) -> None:
-    """Register the `train` group and its `sft` command on the top-level subparsers."""
+    """Register the `train` group and its `sft` and `srpo` commands on the top-level subparsers."""
     from gream_fast.config import add_fields, from_args
     from gream_fast.train.sft import HELP, SFTConfig
 
-    train = subparsers.add_parser("train", help="training stages: sft")
+    train = subparsers.add_parser("train", help="training stages: sft, srpo")
     stages = train.add_subparsers(dest="action", required=True)
     p = stages.add_parser("sft", help="supervised fine-tuning on the curriculum rows, in order")
     add_fields(p, SFTConfig, required=("data", "out"), choices={"init": ("tiny",)}, help=HELP)
@@ -20,3 +20,18 @@ def add_cli(subparsers) -> None:
         print(json.dumps(summary, indent=2))
 
     p.set_defaults(run=sft_main)
+
+    from gream_fast.train.srpo_loop import HELP as SRPO_HELP, MODES, SRPOConfig
+
+    q = stages.add_parser("srpo", help="SRPO reinforcement learning from an SFT'd model "
+                                       "(METHOD.md section 5)")
+    add_fields(q, SRPOConfig, required=("model", "data", "index", "out"),
+               choices={"mode": MODES}, help=SRPO_HELP)
+
+    def srpo_main(args):
+        from gream_fast.train.srpo_loop import train
+
+        summary = train(from_args(SRPOConfig, args))
+        print(json.dumps(summary, indent=2))
+
+    q.set_defaults(run=srpo_main)

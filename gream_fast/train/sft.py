@@ -317,8 +317,9 @@ def _checkpoints(run_dir: Path) -> list:
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int) -> Path:
-    """RUN_DIR/checkpoint-STEP, written whole to a temp folder and renamed; prunes old ones."""
+                    keep: int, fmt: str = STATE_FORMAT) -> Path:
+    """RUN_DIR/checkpoint-STEP, written whole to a temp folder and renamed; prunes old ones.
+    fmt names the loop that wrote it (the SFT and SRPO loops share this layout)."""
     from safetensors.torch import save_file
 
     path = run_dir / f"checkpoint-{state['step']}"
@@ -334,13 +335,13 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    trainer_state = {"format": STATE_FORMAT, "version": STATE_VERSION, **state,
+    trainer_state = {"format": fmt, "version": STATE_VERSION, **state,
                      "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
                      "scheduler": sched}
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {"format": STATE_FORMAT, "version": str(STATE_VERSION)}
+        meta = {"format": fmt, "version": str(STATE_VERSION)}
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
         save_file(rng, str(tmp / "rng.safetensors"), metadata=meta)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -350,15 +351,15 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state
     return path
 
 
-def load_trainer_state(path: Path) -> dict:
+def load_trainer_state(path: Path, fmt: str = STATE_FORMAT) -> dict:
     f = path / "trainer_state.json"
     try:
         state = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FormatError(f"{f}: not a readable trainer state ({e})") from None
-    if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+    if state.get("format") != fmt or state.get("version") != STATE_VERSION:
         raise FormatError(f"{f}: format {state.get('format')!r} version {state.get('version')!r}"
-                          f", expected {STATE_FORMAT!r} version {STATE_VERSION}")
+                          f", expected {fmt!r} version {STATE_VERSION}")
     return state
 
 
@@ -394,9 +395,9 @@ def restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _check_resume_config(saved: dict, cfg: SFTConfig, path: Path) -> None:
+def _check_resume_config(saved: dict, cfg, path: Path, resumable=RESUMABLE) -> None:
     for f in fields(cfg):
-        if f.name in RESUMABLE or f.name not in saved:
+        if f.name in resumable or f.name not in saved:
             continue
         if saved[f.name] != getattr(cfg, f.name):
             raise InvalidInputError(

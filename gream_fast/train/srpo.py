@@ -53,13 +53,18 @@ def response_logprobs(model, batch) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, batch.target.to(h.device)[:, None]).squeeze(1)
 
 
-def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed: int):
+def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed: int,
+                more=None):
     """Rollouts until cfg.groups groups with non-zero reward variance (or max_draws batches).
-    Returns (prompts, responses as token lists, rewards [R], matches [R], draws, kept)."""
+    The first batch is (prompts, targets); later ones come from more(draw) -> (prompts,
+    targets), fresh instances (without it the same prompts are drawn again).
+    Returns (prompts, responses as token lists, rewards [R], matches [R], draws)."""
     want = cfg.groups or len(prompts)
     trie = sid_trie(constraint)
     kept_p, kept_r, rewards, matches, draws = [], [], [], [], 0
     while len(kept_p) < want and draws < cfg.max_draws:
+        if draws and more is not None:
+            prompts, targets = more(draws)
         roll = sample(policy, prompts, constraint, n=cfg.n, temperature=cfg.temperature,
                       seed=seed + draws)
         draws += 1
@@ -82,16 +87,17 @@ def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed:
 
 
 def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
-              cfg: SRPOStepConfig = SRPOStepConfig(), seed: int = 0) -> dict:
-    """One step on `prompts` (token-id lists) whose next items are `targets`. Returns the
-    step's statistics (floats); a step whose every group has zero variance updates nothing."""
+              cfg: SRPOStepConfig = SRPOStepConfig(), seed: int = 0, more=None) -> dict:
+    """One step on `prompts` (token-id lists) whose next items are `targets`; more(draw) gives
+    further batches for dynamic sampling (see draw_groups). Returns the step's statistics
+    (floats); a step whose every group has zero variance updates nothing."""
     if len(prompts) != len(targets) or not prompts:
         raise InvalidInputError(f"srpo_step: {len(prompts)} prompts and {len(targets)} targets")
     t0 = time.perf_counter()
     was_training = policy.training
     policy.eval()
     g_prompts, g_resp, rewards, matches, draws = draw_groups(policy, prompts, targets,
-                                                             constraint, cfg, seed)
+                                                             constraint, cfg, seed, more)
     t1 = time.perf_counter()
     stats = {"draws": draws, "kept_groups": len(g_prompts)}
     if not g_prompts:

@@ -1,0 +1,337 @@
+"""The SRPO loop (METHOD.md section 5): `gream-fast train srpo`.
+
+Instances are the CoT samples' (METHOD.md section 4, gream_fast.tasks.reason): every training
+target at positions FIRST_TARGET .. len(seq) - 3 of a user's sequence, with the last
+`max_history` items before it as history. They are shuffled with the seed (a fresh permutation
+per pass over them) and consumed `prompts_per_step` at a time; the data position of step s is
+s x prompts_per_step, so a resumed run needs only the step. Each prompt is the user's history
+formatted as the seqrec chat prompt that SFT and evaluation use (gream_fast.eval.SeqRecPrompts),
+and rollouts are constrained to the SID trie ending with the chat template's end-of-turn token
+(build_constraint). One step is train.srpo.srpo_step; its rollout seeds derive from (seed, step).
+
+The policy starts from `--model` (an SFT run folder: its final/, else its newest checkpoint; or
+any HF model folder whose tokenizer has the SID tokens); the frozen reference model is a copy of
+that starting policy. AdamW (no decay on norms and biases), linear warm-up then a constant lr.
+
+A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
+  srpo_config.json     the resolved config
+  metrics.jsonl        one line per step: step, lr, srpo_step's statistics (reward_mean,
+                       exact_rate, kept_groups, draws, loss, kl, clip fractions, entropy_proxy,
+                       response_len, tokens, grad_norm, rollout_s / scoring_s / update_s),
+                       step_time_s, tokens_per_s, elapsed_s; with --eval-every, valid_recall@K /
+                       valid_ndcg@K on the first --eval-users validation users (a step-0 line
+                       holds the starting policy's)
+  checkpoint-STEP/     every `save_every` steps and at the end (atomic, exact resume)
+  final/               the last model + tokenizer
+"""
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gream_fast.errors import FormatError, InvalidInputError
+
+STATE_FORMAT = "gream-fast-srpo"
+MODES = ("direct", "reasoning")
+RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "eval_every",
+             "eval_users"}
+
+
+@dataclass
+class SRPOConfig:
+    model: str = ""
+    data: str = ""
+    index: str = ""
+    out: str = ""
+    mode: str = "direct"
+    steps: int = 150
+    prompts_per_step: int = 256
+    n: int = 10
+    lr: float = 2e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta: float = 0.001
+    clip_grad: float = 1.0
+    temperature: float = 1.0
+    max_draws: int = 10
+    max_history: int = 20
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    stop_after: int = 0
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 0
+    eval_users: int = 200
+
+
+HELP = {
+    "model": "the starting policy: an SFT run folder (its final/, else its newest checkpoint) or "
+             "a Hugging Face model folder whose tokenizer has the SID tokens",
+    "data": "the `data prepare` folder (training instances: the CoT samples' targets)",
+    "index": "the index folder or file (the SIDs the rollouts are constrained to)",
+    "out": "run folder: srpo_config.json, metrics.jsonl, checkpoint-STEP/, final/",
+    "mode": "direct (responses are SIDs); reasoning is not implemented yet",
+    "steps": "optimizer steps",
+    "prompts_per_step": "prompts (groups) per step",
+    "n": "responses sampled per prompt",
+    "lr": "AdamW learning rate (constant after the warm-up)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (not on norms and biases)",
+    "beta": "weight of the k3 KL to the frozen starting policy",
+    "clip_grad": "max gradient norm",
+    "temperature": "rollout sampling temperature",
+    "max_draws": "rollout batches drawn at most per step to fill the groups (dynamic sampling)",
+    "max_history": "history items per prompt (the most recent)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints (0: all)",
+    "stop_after": "stop after this step with a checkpoint, to go on later with --resume (0: run "
+                  "to the end)",
+    "resume": "continue from the newest checkpoint in --out",
+    "seed": "shuffling and rollout seed",
+    "device": "auto (cuda when available), cpu, cuda, cuda:N",
+    "eval_every": "Recall/NDCG on validation users every N steps, at step 0 and at the end (0: "
+                  "never)",
+    "eval_users": "validation users evaluated (the first ones)",
+}
+
+
+# -- configuration ----------------------------------------------------------------------------
+def check_config(cfg: SRPOConfig) -> SRPOConfig:
+    """Validate `cfg` before anything is loaded."""
+    if cfg.mode not in MODES:
+        raise InvalidInputError(f"--mode: expected one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.mode == "reasoning":
+        raise InvalidInputError("--mode reasoning: not implemented yet (SRPO trains direct mode "
+                                "only for now)")
+    for name in ("model", "data", "index", "out"):
+        if not getattr(cfg, name):
+            raise InvalidInputError(f"--{name}: required")
+    if not Path(cfg.model).is_dir():
+        raise InvalidInputError(f"--model {cfg.model}: no such folder")
+    if not Path(cfg.data).is_dir():
+        raise InvalidInputError(f"--data {cfg.data}: no such folder (a `data prepare` output)")
+    if not Path(cfg.index).exists():
+        raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
+    for name, low in [("steps", 1), ("prompts_per_step", 1), ("n", 1), ("max_draws", 1),
+                      ("max_history", 1), ("eval_users", 1)]:
+        if getattr(cfg, name) < low:
+            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= {low}, "
+                                    f"got {getattr(cfg, name)}")
+    for name in ("lr", "warmup_steps", "weight_decay", "beta", "clip_grad", "save_every",
+                 "keep_checkpoints", "stop_after", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= 0, "
+                                    f"got {getattr(cfg, name)}")
+    if cfg.temperature <= 0:
+        raise InvalidInputError(f"--temperature: expected > 0, got {cfg.temperature}")
+    return cfg
+
+
+def model_dir(path) -> Path:
+    """The HF model folder of `path`: itself, an SFT/SRPO run's final/, or its newest checkpoint."""
+    from gream_fast.train.sft import _checkpoints
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "final" / "config.json").is_file():
+        return p / "final"
+    found = _checkpoints(p)
+    if found:
+        return found[-1][1]
+    raise FormatError(f"--model {p}: neither a Hugging Face model folder (no config.json) nor a "
+                      "training run (no final/ or checkpoint-STEP/)")
+
+
+def load_policy(path, index, device):
+    """(model, tokenizer) on `device`, checking the tokenizer has the SID tokens of `index`."""
+    from gream_fast.index.tokens import sid_token_table
+    from gream_fast.train.sft import load_pretrained
+
+    model, tokenizer = load_pretrained(path, device)
+    try:
+        sid_token_table(tokenizer, index)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"--model {path}: {e} (SRPO starts from an SFT'd model whose "
+                                "tokenizer has the SID tokens)") from None
+    return model.to(device), tokenizer
+
+
+# -- data -------------------------------------------------------------------------------------
+class Instances:
+    """The RL instances (the CoT samples', tasks.reason) and their seeded order."""
+
+    def __init__(self, dataset, max_history: int, seed: int):
+        from gream_fast.tasks.reason import FIRST_TARGET
+
+        self.examples = dataset.examples(first=FIRST_TARGET, last_offset=2,
+                                         max_history=max_history)
+        if len(self.examples) == 0:
+            raise InvalidInputError(f"the dataset has no training targets at position >= "
+                                    f"{FIRST_TARGET}: no SRPO instances")
+        self.seed = seed
+        self._perm = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+        return self._perm[epoch]
+
+    def batch(self, start: int, size: int) -> list:
+        """Instance ids at positions start .. start + size - 1 of the endless shuffled order."""
+        e = len(self)
+        return [int(self.order(q // e)[q % e]) for q in range(start, start + size)]
+
+
+def step_seed(seed: int, step: int) -> int:
+    return int(np.random.default_rng([seed, step, 7]).integers(2 ** 31))
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig) -> dict:
+    from gream_fast.eval import evaluate
+
+    beams = min(10, dataset.num_items)
+    ks = tuple(k for k in (1, 5, 10) if k <= beams)
+    was = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            m = evaluate(policy, tokenizer, dataset, constraint, split="valid", ks=ks,
+                         num_beams=beams, max_users=cfg.eval_users, max_history=cfg.max_history,
+                         progress=False)
+    finally:
+        policy.train(was)
+    return {f"valid_{k}": v for k, v in m.items()}
+
+
+def train(cfg: SRPOConfig, progress: bool = True) -> dict:
+    """Run (or resume) SRPO as configured; returns a summary (steps, final path, last reward,
+    seconds)."""
+    from tqdm.auto import tqdm
+
+    from gream_fast.data.dataset import Dataset
+    from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
+    from gream_fast.files import atomic_dir, write_json
+    from gream_fast.index.embed import resolve_device
+    from gream_fast.tasks.context import load_index
+    from gream_fast.train.sft import (_check_resume_config, _checkpoints, _truncate_metrics,
+                                      load_trainer_state, lr_factor, make_optimizer,
+                                      restore_optimizer, restore_rng, save_checkpoint)
+    from gream_fast.train.srpo import SRPOStepConfig, srpo_step
+    from gream_fast.train.srpo_loss import SRPOLossConfig
+
+    cfg = check_config(cfg)
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.out)
+    found = _checkpoints(run_dir) if run_dir.is_dir() else []
+    if found and not cfg.resume:
+        raise InvalidInputError(f"--out {run_dir}: holds checkpoints of an earlier run; pass "
+                                "--resume to continue it, or choose another folder")
+    resume_from = found[-1][1] if (found and cfg.resume) else None
+    start_dir = model_dir(cfg.model)
+    dataset = Dataset.load(cfg.data)
+    index = load_index(cfg.index)
+    if index.num_items != dataset.num_items:
+        raise InvalidInputError(f"--index {cfg.index} has {index.num_items} items but --data "
+                                f"{cfg.data} {dataset.num_items}: they must describe the same items")
+    instances = Instances(dataset, cfg.max_history, cfg.seed)
+    data_stats = {"instances": len(instances), "items": dataset.num_items}
+    torch.manual_seed(cfg.seed)
+
+    ref, tokenizer = load_policy(start_dir, index, device)
+    state = None
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, STATE_FORMAT)
+        _check_resume_config(state["config"], cfg, resume_from, RESUMABLE)
+        if state["data"] != data_stats:
+            raise InvalidInputError(f"--resume: --data {cfg.data} now gives {data_stats}, the run "
+                                    f"in {resume_from} was trained on {state['data']}")
+        policy, tokenizer = load_policy(resume_from, index, device)
+    else:
+        policy = copy.deepcopy(ref)
+    ref.eval().requires_grad_(False)
+    policy.train()
+
+    prompts = SeqRecPrompts(tokenizer, index, mode="direct")
+    constraint = build_constraint(tokenizer, index, prompts, device)
+    optimizer = make_optimizer(policy, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, min_ratio=1.0))
+    step = 0
+    if state is not None:
+        restore_optimizer(resume_from, state, optimizer, scheduler)
+        restore_rng(resume_from)
+        step = state["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "srpo_config.json", {**asdict(cfg), "start_model": str(start_dir),
+                                              "data_stats": data_stats})
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+
+    step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=cfg.prompts_per_step,
+                              max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
+                              loss=SRPOLossConfig(beta=cfg.beta))
+    stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    evaluating = cfg.eval_every > 0
+    started, last = time.perf_counter(), {}
+    bar = tqdm(total=cfg.steps, initial=step, desc="srpo", unit="step", disable=not progress)
+    with open(metrics_path, "a") as log:
+        if evaluating and step == 0:
+            log.write(json.dumps({"step": 0, **_evaluate(policy, tokenizer, dataset, constraint,
+                                                         cfg)}) + "\n")
+            log.flush()
+        while step < stop:
+            t0 = time.perf_counter()
+            def encoded(ids):
+                return ([tokenizer(prompts(instances.examples[i][1]),
+                                   add_special_tokens=False)["input_ids"] for i in ids],
+                        [int(instances.examples.target[i]) for i in ids])
+
+            def more(draw, step=step):  # dynamic sampling's extra batches: fresh instances,
+                rng = np.random.default_rng([cfg.seed, step, draw])  # seeded by (step, draw)
+                size = min(cfg.prompts_per_step, len(instances))
+                return encoded(rng.choice(len(instances), size, replace=False).tolist())
+
+            batch, targets = encoded(instances.batch(step * cfg.prompts_per_step,
+                                                     cfg.prompts_per_step))
+            lr = optimizer.param_groups[0]["lr"]
+            stats = srpo_step(policy, ref, optimizer, batch, targets, constraint, step_cfg,
+                              seed=step_seed(cfg.seed, step), more=more)
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - t0
+            last = {"step": step, "lr": lr, **stats, "step_time_s": seconds,
+                    "tokens_per_s": stats.get("tokens", 0) / seconds,
+                    "elapsed_s": time.perf_counter() - started}
+            if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last.update(_evaluate(policy, tokenizer, dataset, constraint, cfg))
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.3f}",
+                            kept=stats["kept_groups"], s=f"{seconds:.1f}")
+            if step == stop or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(run_dir, policy, tokenizer, optimizer, scheduler, {
+                    "step": step, "prompts_seen": step * cfg.prompts_per_step,
+                    "total_steps": cfg.steps, "config": asdict(cfg), "data": data_stats},
+                    cfg.keep_checkpoints, fmt=STATE_FORMAT)
+    bar.close()
+    final = None
+    if step == cfg.steps:
+        final = run_dir / "final"
+        with atomic_dir(final) as tmp:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return {"steps": step, "total_steps": cfg.steps, "final": str(final) if final else None,
+            "reward_mean": last.get("reward_mean"), "exact_rate": last.get("exact_rate"),
+            **{k: v for k, v in last.items() if k.startswith("valid_")},
+            "seconds": round(time.perf_counter() - started, 3), "data": data_stats}

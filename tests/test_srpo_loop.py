@@ -1,0 +1,170 @@
+"""The SRPO loop (`gream-fast train srpo`): a tiny run end to end through the CLI (metrics,
+checkpoints, final/, validation Recall), exact resume, and the errors of bad inputs. Data: a
+small synthetic dataset and an index with a collision; the policy: a very small random Qwen3 with
+the SID tokens, saved as an SFT run's final/ (SRPO only needs the SID vocabulary to run)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gream_fast.cli import main
+from gream_fast.data import Dataset
+from gream_fast.data.prepare import prepare, write
+from gream_fast.data.synth import SynthConfig, synthesize
+from gream_fast.files import read_jsonl
+from gream_fast.index import SemanticIndex
+from gream_fast.train.srpo_loop import Instances, SRPOConfig, model_dir, train
+
+LEVELS, K = 3, 4
+SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=16, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from gream_fast.model.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("srpo")
+    write(prepare(synthesize(SynthConfig(users=30, items=14, mean_length=8, seed=3)), k_core=3),
+          root / "data")
+    data = Dataset.load(root / "data")
+    codes = np.random.default_rng(0).integers(0, K, (data.num_items, LEVELS))
+    codes[1] = codes[0]  # a collision: SIDs of LEVELS and LEVELS + 1 tokens
+    index = SemanticIndex.from_codes(codes, K)
+    (root / "index").mkdir()
+    index.save(root / "index" / "index.safetensors")
+    # an "SFT run": the model in final/ (train srpo --model takes the run folder)
+    build_tiny(root / "data", index, out_dir=root / "sft" / "final", seed=0, vocab_size=300,
+               shape=SHAPE)
+    return root, data
+
+
+def args(root, out, *extra):
+    return ["train", "srpo", "--model", str(root / "sft"), "--data", str(root / "data"),
+            "--index", str(root / "index"), "--out", str(out), "--n", "4",
+            "--prompts-per-step", "3", "--max-draws", "2", "--lr", "1e-3", "--warmup-steps", "1",
+            "--device", "cpu", *extra]
+
+
+def test_srpo_cli_end_to_end(setup, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, data = setup
+    run = tmp_path / "run"
+    assert main(args(root, run, "--steps", "2", "--save-every", "1", "--eval-every", "2",
+                     "--eval-users", "3")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["final"] == str(run / "final")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert "valid_recall@10" in metrics[0] and "valid_recall@10" in metrics[2]
+    assert "valid_recall@10" not in metrics[1]
+    for m in metrics[1:]:
+        assert 1 <= m["draws"] <= 2 and 0 <= m["kept_groups"] <= 3
+        assert {"rollout_s", "step_time_s", "tokens_per_s", "lr", "elapsed_s"} <= set(m)
+        if m["updated"]:
+            assert 0 <= m["reward_mean"] <= 1 and 0 <= m["exact_rate"] <= 1
+            assert np.isfinite(m["loss"]) and LEVELS + 1 <= m["response_len"] <= LEVELS + 2
+            assert {"scoring_s", "update_s", "kl", "grad_norm"} <= set(m)
+    assert metrics[1]["lr"] == 1e-3 and metrics[2]["lr"] == 1e-3  # constant after warm-up
+    assert 0 <= metrics[2]["valid_recall@10"] <= 1
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["format"] == "gream-fast-srpo" and state["prompts_seen"] == 6
+    config = json.loads((run / "srpo_config.json").read_text())
+    assert config["start_model"] == str(root / "sft" / "final") and config["beta"] == 0.001
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert AutoTokenizer.from_pretrained(run / "final").get_vocab() == \
+        AutoTokenizer.from_pretrained(root / "sft" / "final").get_vocab()
+    start = load_file(root / "sft" / "final" / "model.safetensors")
+    end = model.state_dict()
+    if any(m["updated"] for m in metrics[1:]):
+        assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_defaults_are_the_reference():
+    cfg = SRPOConfig()
+    assert (cfg.steps, cfg.prompts_per_step, cfg.n, cfg.lr, cfg.warmup_steps, cfg.weight_decay,
+            cfg.beta, cfg.clip_grad, cfg.temperature, cfg.max_draws, cfg.mode) == \
+        (150, 256, 10, 2e-6, 10, 0.1, 0.001, 1.0, 1.0, 10, "direct")
+
+
+def test_instances_and_order(setup):
+    from gream_fast.tasks.reason import FIRST_TARGET
+
+    _, data = setup
+    inst = Instances(data, 20, seed=5)
+    lens = np.diff(data.offsets)
+    assert len(inst) == int(np.maximum(lens - 2 - FIRST_TARGET, 0).sum())
+    first = inst.batch(0, len(inst))
+    assert sorted(first) == list(range(len(inst)))  # a permutation per pass
+    assert inst.batch(1, 3) == first[1:4]
+    again = Instances(data, 20, seed=5).batch(len(inst) - 2, 5)
+    assert again[:2] == first[-2:]  # a step may span two passes
+    assert sorted(inst.batch(len(inst), len(inst))) == sorted(first)  # the next pass
+
+
+def test_resume_is_exact(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from gream_fast import InvalidInputError
+
+    root, _ = setup
+    base = dict(model=str(root / "sft"), data=str(root / "data"), index=str(root / "index"),
+                n=4, prompts_per_step=2, max_draws=2, lr=1e-3, warmup_steps=1, steps=2,
+                save_every=0, device="cpu")
+    straight = train(SRPOConfig(out=str(tmp_path / "a"), **base), progress=False)
+    half = train(SRPOConfig(out=str(tmp_path / "b"), stop_after=1, **base), progress=False)
+    assert half["steps"] == 1 and half["final"] is None
+    # --model takes a run without final/: its newest checkpoint
+    assert model_dir(tmp_path / "b") == tmp_path / "b" / "checkpoint-1"
+    assert model_dir(root / "sft") == root / "sft" / "final"
+    with pytest.raises(InvalidInputError, match="--resume"):
+        train(SRPOConfig(out=str(tmp_path / "b"), **base), progress=False)
+    with pytest.raises(InvalidInputError, match="--lr"):
+        train(SRPOConfig(out=str(tmp_path / "b"), resume=True, **{**base, "lr": 5e-4}),
+              progress=False)
+    rest = train(SRPOConfig(out=str(tmp_path / "b"), resume=True, **base), progress=False)
+    assert rest["steps"] == straight["steps"] == 2
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "lr", "draws", "kept_groups", "reward_mean", "loss", "kl", "grad_norm")
+    ma, mb = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert [[m.get(k) for k in keys] for m in ma] == [[m.get(k) for k in keys] for m in mb]
+
+
+def test_bad_inputs(setup, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from gream_fast.model.tiny import train_tokenizer
+
+    root, _ = setup
+    assert main(args(root, tmp_path / "r", "--mode", "reasoning")) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    tokenizer = train_tokenizer(["the user bought an item"] * 10, vocab_size=300)
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=16)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "plain")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    good = args(root, tmp_path / "r")
+    cases = [
+        ("--model", tmp_path / "missing", "missing: no such folder"),
+        ("--model", tmp_path, "no config.json"),
+        ("--model", tmp_path / "plain", "has no token '<|a_"),
+        ("--data", tmp_path / "nodata", "nodata: no such folder"),
+        ("--index", tmp_path / "noindex", "noindex: no such file or folder"),
+    ]
+    for flag, value, message in cases:
+        argv = list(good)
+        argv[argv.index(flag) + 1] = str(value)
+        assert main(argv) == 2, flag
+        assert message in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--n", "0")) == 2
+    assert "--n: expected >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's choices
+        main(args(root, tmp_path / "r", "--mode", "think"))
+    assert not (tmp_path / "r").exists()
