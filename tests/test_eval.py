@@ -10,12 +10,10 @@ import torch
 
 from gream_fast import InvalidInputError
 from gream_fast.cli import main
-from gream_fast.data import Dataset
-from gream_fast.data.prepare import prepare, write
-from gream_fast.data.synth import SynthConfig, synthesize
 from gream_fast.eval import evaluate, recall_ndcg
 from gream_fast.files import read_jsonl
 from gream_fast.index import SemanticIndex, add_sid_tokens
+from tiny_data import K, make_data_and_index
 
 # -- metrics ----------------------------------------------------------------------------------
 
@@ -84,8 +82,6 @@ def test_metric_errors():
 
 
 # -- evaluate() and the CLI on a tiny saved model -----------------------------------------------
-
-LEVELS, K = 3, 4
 BEAMS = 4
 
 
@@ -114,14 +110,7 @@ def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     root = tmp_path_factory.mktemp("eval")
-    write(prepare(synthesize(SynthConfig(users=40, items=14, mean_length=8, seed=3)), k_core=3),
-          root / "data")
-    data = Dataset.load(root / "data")
-    codes = np.random.default_rng(0).integers(0, K, (data.num_items, LEVELS))
-    codes[1] = codes[0]  # a collision: SIDs of LEVELS and LEVELS + 1 tokens
-    index = SemanticIndex.from_codes(codes, K)
-    (root / "index").mkdir()
-    index.save(root / "index" / "index.safetensors")
+    data, index = make_data_and_index(root, users=40)
 
     tokenizer = train_tokenizer()
     tokenizer.save_pretrained(root / "plain")  # no SID tokens: for the error case

@@ -4,22 +4,17 @@ and the errors of bad inputs. Data: a small synthetic dataset, an index with a c
 alignment + CoT rows mixed into a curriculum."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gream_fast import GreamError, InvalidInputError
 from gream_fast.cli import main
-from gream_fast.data import Dataset
-from gream_fast.data.prepare import prepare, write
-from gream_fast.data.synth import SynthConfig, synthesize
 from gream_fast.files import read_jsonl, write_jsonl
-from gream_fast.index import SemanticIndex
 from gream_fast.train.loss import chunked_cross_entropy
 from gream_fast.train.sft import SFTConfig, lr_factor, train
 
-LEVELS, K = 3, 4
+from tiny_data import K, LEVELS, make_data_and_index
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +26,7 @@ def setup(tmp_path_factory):
     from gream_fast.tasks.teacher import TemplateTeacher
 
     root = tmp_path_factory.mktemp("sft")
-    write(prepare(synthesize(SynthConfig(users=40, items=14, mean_length=8, seed=3)), k_core=3),
-          root / "data")
-    data = Dataset.load(root / "data")
-    codes = np.random.default_rng(0).integers(0, K, (data.num_items, LEVELS))
-    codes[1] = codes[0]  # a collision: SIDs of LEVELS and LEVELS + 1 tokens
-    index = SemanticIndex.from_codes(codes, K)
-    (root / "index").mkdir()
-    index.save(root / "index" / "index.safetensors")
+    data, index = make_data_and_index(root, users=40)
     ctx = TaskContext(data, index)
     align = AlignmentBuilder(ctx, AlignConfig(passes=1, tasks="seqrec,item2index,index2item")).build()
     reason, _ = build_reasoning(ctx, TemplateTeacher(), ReasonConfig())

@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from gream_fast.cli import main
-from gream_fast.data import Dataset
-from gream_fast.data.prepare import prepare, write
-from gream_fast.data.synth import SynthConfig, synthesize
 from gream_fast.files import read_jsonl
-from gream_fast.index import SemanticIndex
 from gream_fast.train.srpo_loop import Instances, SRPOConfig, model_dir, train
 
-LEVELS, K = 3, 4
+from tiny_data import LEVELS, make_data_and_index
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              head_dim=16, intermediate_size=64)
 
@@ -26,14 +22,7 @@ def setup(tmp_path_factory):
     from gream_fast.model.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("srpo")
-    write(prepare(synthesize(SynthConfig(users=30, items=14, mean_length=8, seed=3)), k_core=3),
-          root / "data")
-    data = Dataset.load(root / "data")
-    codes = np.random.default_rng(0).integers(0, K, (data.num_items, LEVELS))
-    codes[1] = codes[0]  # a collision: SIDs of LEVELS and LEVELS + 1 tokens
-    index = SemanticIndex.from_codes(codes, K)
-    (root / "index").mkdir()
-    index.save(root / "index" / "index.safetensors")
+    data, index = make_data_and_index(root, users=30)
     # an "SFT run": the model in final/ (train srpo --model takes the run folder)
     build_tiny(root / "data", index, out_dir=root / "sft" / "final", seed=0, vocab_size=300,
                shape=SHAPE)
