@@ -68,3 +68,26 @@ def test_extra_draws_take_fresh_prompts():
     # n = 1 never has variance: every draw is taken, the later ones from `more`
     draw_groups(model, [[3, 4]], [0], con, SRPOStepConfig(n=1, max_draws=3), seed=0, more=more)
     assert asked == [1, 2]
+
+
+def test_sid_scored_logprobs_normalise_over_the_level():
+    from gream_fast.train.group_pack import pack_groups, response_hidden
+    from gream_fast.train.srpo import response_logprobs
+
+    model, con = setup(seed=3)
+    prompts = [[3, 4, 5], [6, 7]]
+    responses = [[[BASE + 1, BASE + K + 2, EOS], [BASE + 3, BASE + K, EOS]], [[BASE, BASE + K + 3, EOS]]]
+    batch = pack_groups(prompts, responses)
+    got = response_logprobs(model, batch, con, score="sid")
+    got.sum().backward()  # differentiable
+    with torch.no_grad():
+        h = response_hidden(model, batch)
+        w = model.lm_head.weight
+        for m in range(len(got)):
+            d, t = int(batch.depth[m]), int(batch.target[m])
+            if t == EOS:
+                assert float(got[m]) == 0.0
+                continue
+            level = con.level_rows(d)
+            want = torch.log_softmax(h[m] @ w[level].T, -1)[t - level.start]
+            assert abs(float(got[m]) - float(want)) < 1e-5

@@ -26,7 +26,7 @@ def add_cli(subparsers) -> None:
     q = stages.add_parser("srpo", help="SRPO reinforcement learning from an SFT'd model "
                                        "(METHOD.md section 5)")
     add_fields(q, SRPOConfig, required=("model", "data", "index", "out"),
-               choices={"mode": MODES}, help=SRPO_HELP)
+               choices={"mode": MODES, "score": ("full", "sid")}, help=SRPO_HELP)
 
     def srpo_main(args):
         from gream_fast.train.srpo_loop import train

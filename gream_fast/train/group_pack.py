@@ -27,6 +27,7 @@ class GroupBatch:
     source: torch.Tensor  # [M] position of the hidden state that predicts it
     target: torch.Tensor  # [M] the token id
     response: torch.Tensor  # [M] flat response index (group * n + i, as given)
+    depth: torch.Tensor  # [M] the token's index in its response (its SID level)
     num_tokens: int  # tokens in the packed rows (without padding)
 
 
@@ -47,7 +48,7 @@ def pack_groups(prompts, responses, pad_id: int = 0) -> GroupBatch:
     ids = torch.full((G, width), pad_id, dtype=torch.int64)
     pos = torch.full((G, width), -1, dtype=torch.int64)
     mask = torch.zeros(G, 1, width, width, dtype=torch.bool)
-    row, source, target, resp = [], [], [], []
+    row, source, target, resp, depth = [], [], [], [], []
     flat = 0
     for g, (p, rs) in enumerate(zip(prompts, responses)):
         P = len(p)
@@ -65,13 +66,14 @@ def pack_groups(prompts, responses, pad_id: int = 0) -> GroupBatch:
             source += [P - 1] + list(range(at, at + n - 1))
             target += list(r)
             resp += [flat] * n
+            depth += range(n)
             flat += 1
             at += n
         # padding rows attend to themselves only (no all-masked rows: no NaN in attention)
         mask[g, 0, at:, :].zero_()
         mask[g, 0, torch.arange(at, width), torch.arange(at, width)] = True
     return GroupBatch(ids, pos.clamp(min=0), mask, torch.tensor(row), torch.tensor(source),
-                      torch.tensor(target), torch.tensor(resp), sum(lens))
+                      torch.tensor(target), torch.tensor(resp), torch.tensor(depth), sum(lens))
 
 
 def response_hidden(model, batch: GroupBatch) -> torch.Tensor:

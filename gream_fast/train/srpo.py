@@ -20,7 +20,7 @@ import torch
 from gream_fast.errors import InvalidInputError
 from gream_fast.generate import sample
 from gream_fast.index.trie import PrefixTrie
-from gream_fast.kernels import group_advantage
+from gream_fast.kernels import group_advantage, sid_logprob
 from gream_fast.train.group_pack import pack_groups, response_hidden
 from gream_fast.train.rewards import sid_reward
 from gream_fast.train.srpo_loss import SRPOLossConfig, srpo_loss
@@ -34,6 +34,7 @@ class SRPOStepConfig:
     max_draws: int = 10  # rollout batches drawn at most to fill the groups
     clip_grad: float = 1.0
     k: int = 4  # pass@k of the advantage bonus
+    score: str = "full"  # log-prob normalisation: "full" vocabulary or the "sid" level
     loss: SRPOLossConfig = SRPOLossConfig()
 
 
@@ -46,11 +47,25 @@ def sid_trie(constraint) -> PrefixTrie:
     return constraint._sid_trie
 
 
-def response_logprobs(model, batch) -> torch.Tensor:
-    """Full-vocabulary log-prob of every response token of a packed GroupBatch, [M] float32."""
+def response_logprobs(model, batch, constraint=None, score: str = "full") -> torch.Tensor:
+    """Log-prob of every response token of a packed GroupBatch, [M] float32: over the whole
+    vocabulary (score="full"), or over the token's SID level only (score="sid", the
+    generation engine's sid scoring: kernels.sid_logprob, [M, K] logits instead of [M, V];
+    EOS after a complete SID is the only choice there and scores 0)."""
     h = response_hidden(model, batch)
-    logits = model.get_output_embeddings()(h).float()
-    return torch.log_softmax(logits, -1).gather(1, batch.target.to(h.device)[:, None]).squeeze(1)
+    target = batch.target.to(h.device)
+    if score == "full":
+        logits = model.get_output_embeddings()(h).float()
+        return torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1)
+    weight = model.get_output_embeddings().weight
+    out = torch.zeros(len(target), device=h.device)
+    depth = batch.depth.to(h.device)
+    for d in range(int(batch.depth.max()) + 1):
+        rows = torch.nonzero((depth == d) & (target != constraint.eos_token_id)).flatten()
+        if len(rows):
+            level = constraint.level_rows(d)
+            out = out.index_put((rows,), sid_logprob(h[rows], weight[level], target[rows] - level.start))
+    return out
 
 
 def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed: int,
@@ -107,11 +122,12 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     groups = torch.arange(len(g_prompts)).repeat_interleave(cfg.n)
     adv = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)[batch.response.to(dev)]
     with torch.no_grad():
-        old = response_logprobs(policy, batch)
-        ref = response_logprobs(ref_model, batch) if ref_model is not None else None
+        old = response_logprobs(policy, batch, constraint, cfg.score)
+        ref = (response_logprobs(ref_model, batch, constraint, cfg.score)
+               if ref_model is not None else None)
     t2 = time.perf_counter()
     policy.train(was_training)
-    logp = response_logprobs(policy, batch)
+    logp = response_logprobs(policy, batch, constraint, cfg.score)
     mask = torch.ones_like(logp, dtype=torch.bool)
     loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss)
     optimizer.zero_grad(set_to_none=True)

@@ -48,6 +48,7 @@ class SRPOConfig:
     index: str = ""
     out: str = ""
     mode: str = "direct"
+    score: str = "full"
     steps: int = 150
     prompts_per_step: int = 256
     n: int = 10
@@ -76,6 +77,8 @@ HELP = {
     "index": "the index folder or file (the SIDs the rollouts are constrained to)",
     "out": "run folder: srpo_config.json, metrics.jsonl, checkpoint-STEP/, final/",
     "mode": "direct (responses are SIDs); reasoning is not implemented yet",
+    "score": "log-prob normalisation of the policy loss: full vocabulary (exact), or sid: over "
+             "the SID level's LM-head rows only (kernels.sid_logprob; far less memory)",
     "steps": "optimizer steps",
     "prompts_per_step": "prompts (groups) per step",
     "n": "responses sampled per prompt",
@@ -279,7 +282,7 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
 
     step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=cfg.prompts_per_step,
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
-                              loss=SRPOLossConfig(beta=cfg.beta))
+                              loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score)
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
     started, last = time.perf_counter(), {}
