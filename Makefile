@@ -26,15 +26,10 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest -q
 
-DEMO := runs/demo/ml-100k
+# every stage on MovieLens-100K with the tiny model (~10 min on a 2-core CPU; a rerun resumes),
+# report in runs/demo/report.md; then the quick benchmarks
 demo: install
-	$(VENV)/bin/gream-fast data prepare --out $(DEMO)
-	$(VENV)/bin/gream-fast index embed --data $(DEMO) --encoder minilm --out $(DEMO)/emb.safetensors
-	$(VENV)/bin/gream-fast index build --emb $(DEMO)/emb.safetensors --out $(DEMO)/index
-	$(VENV)/bin/gream-fast tasks profile --data $(DEMO)
-	$(VENV)/bin/gream-fast tasks align --data $(DEMO) --index $(DEMO)/index --out $(DEMO)/align.jsonl
-	$(VENV)/bin/gream-fast tasks reason --data $(DEMO) --index $(DEMO)/index --out $(DEMO)/reason.jsonl
-	$(VENV)/bin/gream-fast tasks mix --align $(DEMO)/align.jsonl --reason $(DEMO)/reason.jsonl --out $(DEMO)/sft.jsonl
+	$(VENV)/bin/gream-fast demo --out runs/demo
 	$(PY) benchmarks/quick.py
 
 bench: install

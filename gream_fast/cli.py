@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gream_fast.train.cli import add_cli as add_train
 
     add_train(stages)  # train sft
+    from gream_fast.demo import add_cli as add_demo
+
+    add_demo(stages)  # demo
     return parser
 
 

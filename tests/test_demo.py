@@ -1,0 +1,44 @@
+"""`gream-fast demo --quick` end to end on MovieLens-100K, then a rerun that reuses every output."""
+import json
+import time
+
+import pytest
+
+from gream_fast.cli import main
+from gream_fast.demo import MODEL_STAGES, MODES, REPORT_KEYS
+
+
+def _check_metrics(m):
+    assert set(m) == set(REPORT_KEYS)
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in m.values())
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
+    # The demo tests the orchestration; under the Triton interpreter one SRPO step and a dozen
+    # users' evaluation take minutes, so here the kernels take their torch references, as the
+    # CLI does on a CPU (their own tests run them through the interpreter).
+    from gream_fast.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"popularity", *MODEL_STAGES}
+    _check_metrics(stages["popularity"])
+    for name in MODEL_STAGES:
+        assert set(stages[name]) == set(MODES)
+        for mode in MODES:
+            _check_metrics(stages[name][mode])
+    v = report["srpo_validation"]
+    assert 0.0 <= v["before"] <= 1.0 and 0.0 <= v["after"] <= 1.0
+    md = (out / "report.md").read_text()
+    for svg in ("sft_loss.svg", "srpo_reward.svg"):
+        assert (out / svg).read_text().startswith("<svg") and svg in md
+    assert "popularity" in md and "srpo" in md
+
+    t0 = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert time.perf_counter() - t0 < 30  # every stage reused
+    assert json.loads((out / "report.json").read_text())["stages"] == stages
