@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.bench_generate import SHAPES  # noqa: E402
 from benchmarks.harness import Bench, common_args  # noqa: E402
-from gream_fast.tasks.chat import IGNORE_INDEX  # noqa: E402
-from gream_fast.train.sft import packed_loss  # noqa: E402
+from gream_fast.tasks.chat import IGNORE_INDEX, pack  # noqa: E402
+from gream_fast.train.sft import add_shift_labels, packed_loss  # noqa: E402
 
 
 def make_model(shape, device):
@@ -44,34 +44,13 @@ def make_examples(n, lo, hi, vocab, seed=0):
         ids = torch.randint(1, vocab, (length,), generator=g)
         labels = ids.clone()
         labels[: length * 3 // 4] = IGNORE_INDEX  # the prompt
-        out.append({"input_ids": ids, "labels": labels})
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
     return out
 
 
 def pack_rows(examples, seq_len):
-    """First-fit in order, like gream_fast.tasks.chat.pack: rows of seq_len tokens."""
-    rows, cur = [], []
-    for e in examples:
-        if cur and sum(len(x["input_ids"]) for x in cur) + len(e["input_ids"]) > seq_len:
-            rows.append(cur)
-            cur = []
-        cur.append(e)
-    rows.append(cur)
-    b = len(rows)
-    batch = {"input_ids": torch.zeros(b, seq_len, dtype=torch.long),
-             "position_ids": torch.zeros(b, seq_len, dtype=torch.long),
-             "seq_ids": torch.full((b, seq_len), -1, dtype=torch.long),
-             "shift_labels": torch.full((b, seq_len), IGNORE_INDEX, dtype=torch.long)}
-    for r, row in enumerate(rows):
-        at = 0
-        for j, e in enumerate(row):
-            n = len(e["input_ids"])
-            batch["input_ids"][r, at:at + n] = e["input_ids"]
-            batch["position_ids"][r, at:at + n] = torch.arange(n)
-            batch["seq_ids"][r, at:at + n] = j
-            batch["shift_labels"][r, at:at + n - 1] = e["labels"][1:]
-            at += n
-    return batch
+    """In order into rows of seq_len tokens: the SFT loop's own packing."""
+    return add_shift_labels(pack(examples, seq_len))
 
 
 def collate(examples):
@@ -81,7 +60,9 @@ def collate(examples):
     mask = torch.zeros_like(ids)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -89,7 +70,7 @@ def run_ours(model, batches, dev, warmup):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
     times = []
     for i, batch in enumerate(batches):
-        batch = {k: v.to(dev) for k, v in batch.items()}
+        batch = {k: v.to(dev) for k, v in batch.items() if torch.is_tensor(v)}
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss, _ = packed_loss(model, batch)

@@ -229,6 +229,16 @@ def check_sid_vocab(tokenizer, rows, cfg: SFTConfig) -> None:
                     f"--data {cfg.data}: pass --index to add the SID tokens")
 
 
+def add_shift_labels(packed: dict) -> dict:
+    """packed (gream_fast.tasks.chat.pack) + `shift_labels`: the label each position predicts
+    (the next token's, -100 across example boundaries and on padding)."""
+    labels, seq = packed["labels"], packed["seq_ids"]
+    shift = torch.full_like(labels, IGNORE_INDEX)
+    shift[:, :-1] = torch.where(seq[:, 1:] == seq[:, :-1], labels[:, 1:], IGNORE_INDEX)
+    packed["shift_labels"] = shift
+    return packed
+
+
 def encode_and_pack(rows, tokenizer, seq_len: int, progress: bool = True) -> tuple[dict, dict]:
     """Rows -> packed tensors (gream_fast.tasks.chat.pack) with `shift_labels`: the label each
     position predicts (the next token's, -100 across example boundaries and on padding)."""
@@ -242,12 +252,8 @@ def encode_and_pack(rows, tokenizer, seq_len: int, progress: bool = True) -> tup
         for start in range(0, len(rows), step):
             examples += encoder.encode_many(rows[start:start + step], start=start)
             bar.update(min(step, len(rows) - start))
-    packed = encoder.pack(examples, seq_len)
-    labels, seq = packed["labels"], packed["seq_ids"]
-    shift = torch.full_like(labels, IGNORE_INDEX)
-    same = seq[:, 1:] == seq[:, :-1]
-    shift[:, :-1] = torch.where(same, labels[:, 1:], IGNORE_INDEX)
-    packed["shift_labels"] = shift
+    packed = add_shift_labels(encoder.pack(examples, seq_len))
+    labels, seq, shift = packed["labels"], packed["seq_ids"], packed["shift_labels"]
     stats = {"examples": len(examples), "truncated": encoder.num_truncated,
              "packed_rows": int(labels.shape[0]), "tokens": int((seq >= 0).sum()),
              "loss_tokens": int((shift != IGNORE_INDEX).sum())}
