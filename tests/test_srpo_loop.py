@@ -71,6 +71,37 @@ def test_srpo_cli_end_to_end(setup, tmp_path, capsys):
     end = model.state_dict()
     if any(m["updated"] for m in metrics[1:]):
         assert any(not torch.equal(start[k], end[k]) for k in start)
+    # best/: the better of the two evaluated policies (step 0 = the start, step 2), ties -> step 0
+    record = json.loads((run / "best" / "best.json").read_text())
+    key = [(m["valid_recall@10"], m["valid_ndcg@10"]) for m in (metrics[0], metrics[2])]
+    assert record["step"] == (2 if key[1] > key[0] else 0) == metrics[2]["best_step"]
+    assert summary["best"]["step"] == record["step"]
+    best = load_file(run / "best" / "model.safetensors")
+    source = start if record["step"] == 0 else end
+    assert all(torch.equal(best[k], source[k]) for k in best)
+
+
+def test_best_policy_keeps_the_strictly_better(tmp_path):
+    from gream_fast.train.srpo_loop import BestPolicy
+
+    class Saved:  # stands in for a model / tokenizer: save_pretrained writes its tag
+        def __init__(self, tag):
+            self.tag = tag
+
+        def save_pretrained(self, path, **_):
+            (path / f"{type(self).__name__}-{self.tag}").touch()
+
+    def m(recall, ndcg):
+        return {"valid_recall@10": recall, "valid_ndcg@10": ndcg}
+
+    best = BestPolicy(tmp_path, "recall@10")
+    assert best.offer(0, m(0.2, 0.1), Saved(0), Saved(0))
+    assert not best.offer(1, m(0.2, 0.1), Saved(1), Saved(1))  # a tie keeps the earlier
+    assert not best.offer(2, m(0.1, 0.9), Saved(2), Saved(2))  # the metric comes first
+    assert best.offer(3, m(0.2, 0.15), Saved(3), Saved(3))  # then NDCG@10
+    assert sorted(q.name for q in (tmp_path / "best").iterdir()) == ["Saved-3", "best.json"]
+    again = BestPolicy(tmp_path, "recall@10")  # --resume reads the record back
+    assert again.record["step"] == 3 and not again.offer(4, m(0.2, 0.15), Saved(4), Saved(4))
 
 
 def test_defaults_are_the_reference():
@@ -154,6 +185,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--n", "0")) == 2
     assert "--n: expected >= 1" in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--best-metric", "mrr@10")) == 2
+    assert "--best-metric: expected recall@K or ndcg@K" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's choices
         main(args(root, tmp_path / "r", "--mode", "think"))
     assert not (tmp_path / "r").exists()

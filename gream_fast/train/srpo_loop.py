@@ -23,6 +23,10 @@ A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
                        holds the starting policy's)
   checkpoint-STEP/     every `save_every` steps and at the end (atomic, exact resume)
   final/               the last model + tokenizer
+  best/                with --eval-every: the evaluated policy (the starting one included) with
+                       the highest validation Recall@10 (ties: NDCG@10, then the earlier step),
+                       and best/best.json saying which step it is. RL on a small model can lower
+                       validation recall; best/ never holds a policy worse than the start on it.
 """
 import copy
 import json
@@ -37,8 +41,7 @@ from gream_fast.errors import FormatError, InvalidInputError
 
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
-RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "eval_every",
-             "eval_users"}
+RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device"}
 
 
 @dataclass
@@ -68,6 +71,7 @@ class SRPOConfig:
     device: str = "auto"
     eval_every: int = 0
     eval_users: int = 200
+    best_metric: str = "recall@10"
 
 
 HELP = {
@@ -99,7 +103,9 @@ HELP = {
     "device": "auto (cuda when available), cpu, cuda, cuda:N",
     "eval_every": "Recall/NDCG on validation users every N steps, at step 0 and at the end (0: "
                   "never)",
-    "eval_users": "validation users evaluated (the first ones)",
+    "eval_users": "validation users evaluated (the first ones; 0: all)",
+    "best_metric": "with --eval-every: best/ keeps the policy with the highest validation value "
+                   "of this metric (recall@K or ndcg@K; ties: ndcg@10, then the earlier step)",
 }
 
 
@@ -121,7 +127,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     if not Path(cfg.index).exists():
         raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
     for name, low in [("steps", 1), ("prompts_per_step", 1), ("n", 1), ("max_draws", 1),
-                      ("max_history", 1), ("eval_users", 1)]:
+                      ("max_history", 1), ("eval_users", 0)]:
         if getattr(cfg, name) < low:
             raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= {low}, "
                                     f"got {getattr(cfg, name)}")
@@ -132,6 +138,10 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
                                     f"got {getattr(cfg, name)}")
     if cfg.temperature <= 0:
         raise InvalidInputError(f"--temperature: expected > 0, got {cfg.temperature}")
+    name, _, k = cfg.best_metric.partition("@")
+    if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
+        raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
+                                f"got {cfg.best_metric!r}")
     return cfg
 
 
@@ -216,6 +226,35 @@ def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig) -> dict:
     return {f"valid_{k}": v for k, v in m.items()}
 
 
+def _rank_key(metrics: dict, best_metric: str) -> tuple:
+    """Order of policies for best/: the chosen validation metric, then NDCG@10."""
+    return (metrics[f"valid_{best_metric}"], metrics.get("valid_ndcg@10", 0.0))
+
+
+class BestPolicy:
+    """best/ of a run: the evaluated policy with the highest validation metric so far. A later
+    step replaces it only when strictly better, so ties keep the earlier (closer to the start)
+    policy. best/best.json (step + metrics) carries the record across --resume."""
+
+    def __init__(self, run_dir: Path, metric: str):
+        self.path, self.metric = run_dir / "best", metric
+        record = self.path / "best.json"
+        self.record = json.loads(record.read_text()) if record.is_file() else None
+
+    def offer(self, step: int, metrics: dict, policy, tokenizer) -> bool:
+        from gream_fast.files import atomic_dir
+
+        if self.record is not None and \
+                _rank_key(metrics, self.metric) <= _rank_key(self.record["metrics"], self.metric):
+            return False
+        self.record = {"step": step, "metric": self.metric, "metrics": metrics}
+        with atomic_dir(self.path) as tmp:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "best.json").write_text(json.dumps(self.record, indent=2) + "\n")
+        return True
+
+
 def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     """Run (or resume) SRPO as configured; returns a summary (steps, final path, last reward,
     seconds)."""
@@ -285,12 +324,14 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score)
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
+    best = BestPolicy(run_dir, cfg.best_metric) if evaluating else None
     started, last = time.perf_counter(), {}
     bar = tqdm(total=cfg.steps, initial=step, desc="srpo", unit="step", disable=not progress)
     with open(metrics_path, "a") as log:
         if evaluating and step == 0:
-            log.write(json.dumps({"step": 0, **_evaluate(policy, tokenizer, dataset, constraint,
-                                                         cfg)}) + "\n")
+            first = _evaluate(policy, tokenizer, dataset, constraint, cfg)
+            best.offer(0, first, policy, tokenizer)
+            log.write(json.dumps({"step": 0, **first}) + "\n")
             log.flush()
         while step < stop:
             t0 = time.perf_counter()
@@ -316,7 +357,9 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
                     "tokens_per_s": stats.get("tokens", 0) / seconds,
                     "elapsed_s": time.perf_counter() - started}
             if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last.update(_evaluate(policy, tokenizer, dataset, constraint, cfg))
+                valid = _evaluate(policy, tokenizer, dataset, constraint, cfg)
+                last.update(valid, best_step=step if best.offer(step, valid, policy, tokenizer)
+                            else best.record["step"])
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.update(1)
@@ -337,4 +380,5 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     return {"steps": step, "total_steps": cfg.steps, "final": str(final) if final else None,
             "reward_mean": last.get("reward_mean"), "exact_rate": last.get("exact_rate"),
             **{k: v for k, v in last.items() if k.startswith("valid_")},
+            "best": ({"path": str(best.path), **best.record} if best is not None else None),
             "seconds": round(time.perf_counter() - started, 3), "data": data_stats}
