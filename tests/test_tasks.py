@@ -118,6 +118,24 @@ def test_reasoning_rows_follow_the_layout(ctx):
         assert ctx.titles[target].rstrip(".") not in think
 
 
+def test_template_teacher_ignores_the_hash_seed():
+    """Category ties rank by first sight: the same history gives the same evidence text in
+    processes with different string hash seeds (a set's order would not)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from types import SimpleNamespace as NS\n"
+              "from gream_fast.tasks.teacher import TemplateTeacher\n"
+              "cats = [['Drama', 'Comedy', 'War', 'Crime'], ['Crime', 'War', 'Comedy', 'Drama']]\n"
+              "ctx = NS(categories=cats, brands=['', ''])\n"
+              "print(TemplateTeacher()._evidence(ctx, [0, 1]))")
+    outs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (0, 1)}  # seeds whose set orders of these names differ
+    assert len(outs) == 1 and "Drama (2), Comedy (2) and War (2)" in outs.pop()
+
+
 def test_denoise_keeps_order_and_at_least_half(ctx):
     for s in ctx.data.sequences[:50]:
         h = s["items"][:-2][-20:]

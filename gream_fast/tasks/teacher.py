@@ -62,7 +62,9 @@ class TemplateTeacher(Teacher):
         return cats, brands
 
     def _evidence(self, ctx, history) -> str:
-        counts = Counter(c for i in history for c in set(ctx.categories[i]))
+        # dict.fromkeys, not set: most_common breaks ties by first sight, and a set's order
+        # changes with the process's string hash seed (runs would differ)
+        counts = Counter(c for i in history for c in dict.fromkeys(ctx.categories[i]))
         brands = Counter(ctx.brands[i] for i in history if ctx.brands[i])
         parts = [f"The user has {len(history)} items in the history"]
         top = [f"{c} ({n})" for c, n in counts.most_common(3) if n > 1]
