@@ -173,6 +173,31 @@ def test_packed_loss_equals_examples_alone(setup, tiny, attn):
     assert total.item() / count == pytest.approx(ref_sum / ref_count, abs=1e-5)
 
 
+def test_history_loss_labels_prompt_sids(setup, tiny):
+    """history_loss: every SID token of an example (prompt and response) is a label, each
+    predicted by the token before it within its example; other tokens keep their labels."""
+    from gream_fast.train.sft import IGNORE_INDEX, encode_and_pack, sid_token_ids
+
+    _, _, _, rows = setup
+    _, tokenizer, _ = tiny
+    sids = sid_token_ids(tokenizer)
+    assert len(sids) and all(tokenizer.convert_ids_to_tokens(int(i)).startswith("<|")
+                             for i in sids)
+    plain, _ = encode_and_pack(rows[:12], tokenizer, 256, progress=False)
+    hist, stats = encode_and_pack(rows[:12], tokenizer, 256, progress=False, history_loss=True)
+    assert torch.equal(plain["input_ids"], hist["input_ids"])
+    ids, seq = hist["input_ids"], hist["seq_ids"]
+    is_sid = torch.isin(ids, sids) & (seq >= 0)
+    assert torch.equal(hist["labels"][is_sid], ids[is_sid])
+    assert torch.equal(hist["labels"][~is_sid], plain["labels"][~is_sid])
+    assert int((plain["labels"][is_sid] == IGNORE_INDEX).sum()) > 0  # prompts held SIDs
+    shift = hist["shift_labels"]
+    same = seq[:, 1:] == seq[:, :-1]
+    assert torch.equal(shift[:, :-1][same], hist["labels"][:, 1:][same])
+    assert (shift[:, :-1][~same] == IGNORE_INDEX).all()
+    assert stats["loss_tokens"] == int((shift != IGNORE_INDEX).sum())
+
+
 def test_lr_schedule():
     assert [lr_factor(s, 4, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 4, 14) == 1.0 and lr_factor(9, 4, 14) == pytest.approx(0.5)
