@@ -153,7 +153,7 @@ def bench_case(bench, args, shape, b, p, n_items, levels, k):
     toks = torch.full((b * BEAMS,), int(table[0, 0]), device=dev)
 
     def one_step():
-        state.steps = 0
+        state.rewind(0)
         return runner.decode(toks, state)
     t_step = time_fn(one_step, warmup=2, repeat=repeat, device=dev)["median"]
     bench.note(f"{case}: prefill {t_pre * 1e3:.2f} ms, one decode step over {b * BEAMS} rows "

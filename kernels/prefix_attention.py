@@ -16,7 +16,9 @@ So the prompt part is computed once per prompt for all of its rows and the suffi
 The reference does just that (padded per prompt, then per row, then the merge). The Triton
 kernel runs one online softmax (running max m, running sum l, accumulator acc) over the prompt
 tiles and then over the row's suffix entries: continuing an online softmax over more keys is
-the same LSE merge, done incrementally.
+the same LSE merge, done incrementally. When few (prompt, KV head) pairs would leave SMs idle,
+the prompt part is split into chunks computed by separate programs whose partial states are then
+merged the same way (flash-decoding; choose_splits).
 
 A row with nothing to attend to (an empty prompt and an empty suffix: only reachable with
 check=False, or through the reference) gets o = 0.
@@ -28,7 +30,7 @@ import triton.language as tl
 from gream_fast.errors import InvalidInputError
 from gream_fast.kernels._backend import INTERPRET, use_triton
 
-__all__ = ["shared_prefix_attention", "shared_prefix_attention_reference"]
+__all__ = ["choose_splits", "shared_prefix_attention", "shared_prefix_attention_reference"]
 
 _LOG2E = 1.4426950408889634
 
@@ -87,23 +89,132 @@ def shared_prefix_attention_reference(q, prefix_k, prefix_v, prefix_cu, row_cu, 
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Triton kernel: program (b, h, z) takes the rows of prompt b in blocks of BLOCK_R (blocks z,
-#    z + Z, z + 2Z, ...) and, for each block, all G query heads of KV head h: a [BLOCK_R*GP, D]
-#    tile of queries (lane i = row i // GP, head g = i % GP; GP is G rounded up to a power of
-#    two, the extra lanes masked). It walks the prompt's KV in BLOCK_T tiles with tl.dot (the
-#    prompt KV is read once per block of rows), then the rows' own suffixes, one entry at a time
-#    for all rows of the block in a [BLOCK_R, GP, D] view (each row has its own keys: multiply
-#    and sum instead of a dot; one K/V load per row serves its G heads), and writes o.
+# 2. Triton kernels. The main one: program (b, h, z) takes the rows of prompt b in blocks of
+#    BLOCK_R (blocks z, z + Z, z + 2Z, ...) and, for each block, all G query heads of KV head h:
+#    a [BLOCK_R*GP, D] tile of queries (lane i = row i // GP, head g = i % GP; GP is G rounded up
+#    to a power of two, the extra lanes masked). It walks the prompt's KV in BLOCK_T tiles with
+#    tl.dot (the prompt KV is read once per block of rows), then the rows' own suffixes, one
+#    entry at a time for all rows of the block in a [BLOCK_R, GP, D] view (each row has its own
+#    keys: multiply and sum instead of a dot; one K/V load per row serves its G heads), and
+#    writes o.
+#    Long prompts and few (prompt, KV head) pairs leave most SMs idle, so the prompt part can be
+#    split (flash-decoding): _prefix_partial_kernel, program (b, h, z), runs the online softmax
+#    over chunk z of prompt b's KV for all rows of the prompt and writes the partial (m, l, acc);
+#    the main kernel with SPLIT then starts from the merge of the partials instead of the
+#    prompt tiles, and goes on with the suffixes as before.
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_queries(q_ptr, rows, heads, ok, dd, d_ok, stride_qr, stride_qh, UPCAST: tl.constexpr):
+    q = tl.load(q_ptr + rows[:, None] * stride_qr + heads[:, None] * stride_qh + dd[None, :],
+                mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter computes bf16 dots wrongly
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _attend_prompt(q, m, l, acc, pk_ptr, pv_ptr, h, t_start, t_end, qk_scale, dd, d_ok,
+                   stride_pkt, stride_pkh, stride_pvt, stride_pvh, BLOCK_T: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Continue the online softmax (m, l, acc) of the query tile q over prompt KV rows
+    t_start .. t_end-1 of KV head h; scores in log2 units (qk_scale = scale * log2(e))."""
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_end
+        t64 = t.to(tl.int64)  # T * Hkv * D may pass 2^31
+        kt = tl.load(pk_ptr + t64[None, :] * stride_pkt + h * stride_pkh + dd[:, None],
+                     mask=d_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_T]
+        v = tl.load(pv_ptr + t64[:, None] * stride_pvt + h * stride_pvh + dd[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _merge_partials(m, l, acc, pm_ptr, pl_ptr, pacc_ptr, num_splits, rows, heads, ok, dd, d_ok,
+                    stride_ms, stride_mr, stride_as, stride_ar, stride_ah):
+    """Fold the partial (m, l, acc) of every split into the running online softmax: the same
+    LSE merge as one more tile, with the partial's own max."""
+    m_at = pm_ptr + rows * stride_mr + heads
+    l_at = pl_ptr + rows * stride_mr + heads
+    a_at = pacc_ptr + rows[:, None] * stride_ar + heads[:, None] * stride_ah + dd[None, :]
+    a_ok = ok[:, None] & d_ok[None, :]
+    for z in range(0, num_splits):
+        mz = tl.load(m_at + z * stride_ms, mask=ok, other=-1.0e30)
+        lz = tl.load(l_at + z * stride_ms, mask=ok, other=0.0)
+        az = tl.load(a_at + z * stride_as, mask=a_ok, other=0.0)
+        m_new = tl.maximum(m, mz)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(mz - m_new)
+        l = l * alpha + lz * beta
+        acc = acc * alpha[:, None] + az * beta[:, None]
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
+def _prefix_partial_kernel(
+    q_ptr, pk_ptr, pv_ptr, prefix_cu_ptr, row_cu_ptr, pm_ptr, pl_ptr, pacc_ptr,
+    D, qk_scale,
+    stride_qr, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+    stride_ms, stride_mr, stride_as, stride_ar, stride_ah,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    z = tl.program_id(2)
+    p_start = tl.load(prefix_cu_ptr + b)
+    p_end = tl.load(prefix_cu_ptr + b + 1)
+    # Whole tiles per chunk; the last chunks of a short prompt are empty and still write their
+    # (m = -1e30, l = 0, acc = 0), which the merge weighs by 0.
+    chunk = tl.cdiv(tl.cdiv(p_end - p_start, tl.num_programs(2)), BLOCK_T) * BLOCK_T
+    c_start = tl.minimum(p_start + z * chunk, p_end)
+    c_end = tl.minimum(c_start + chunk, p_end)
+    r_start = tl.load(row_cu_ptr + b)
+    r_end = tl.load(row_cu_ptr + b + 1)
+
+    i = tl.arange(0, BLOCK_R * GP)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    heads = h * G + i % GP
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = (r0 + i // GP).to(tl.int64)
+        ok = (rows < r_end) & (i % GP < G)
+        q = _load_queries(q_ptr, rows, heads, ok, dd, d_ok, stride_qr, stride_qh, UPCAST)
+        m = tl.full([BLOCK_R * GP], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_R * GP], tl.float32)
+        acc = tl.zeros([BLOCK_R * GP, BLOCK_D], tl.float32)
+        m, l, acc = _attend_prompt(q, m, l, acc, pk_ptr, pv_ptr, h, c_start, c_end, qk_scale,
+                                   dd, d_ok, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+                                   BLOCK_T, UPCAST, PRECISION)
+        tl.store(pm_ptr + z * stride_ms + rows * stride_mr + heads, m, mask=ok)
+        tl.store(pl_ptr + z * stride_ms + rows * stride_mr + heads, l, mask=ok)
+        tl.store(pacc_ptr + z * stride_as + rows[:, None] * stride_ar
+                 + heads[:, None] * stride_ah + dd[None, :], acc,
+                 mask=ok[:, None] & d_ok[None, :])
+
+
 @triton.jit
 def _prefix_attention_kernel(
     q_ptr, pk_ptr, pv_ptr, prefix_cu_ptr, row_cu_ptr, sk_ptr, sv_ptr, slen_ptr, o_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, num_splits,
     D, qk_scale,
     stride_qr, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
     stride_skr, stride_sks, stride_skh, stride_svr, stride_svs, stride_svh,
-    stride_or, stride_oh,
+    stride_or, stride_oh, stride_ms, stride_mr, stride_as, stride_ar, stride_ah,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -117,38 +228,23 @@ def _prefix_attention_kernel(
     g = tl.arange(0, GP)  # [BLOCK_R, GP] view, for the suffix part and the output
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
+    heads = h * G + i % GP
     for r0 in range(r_first, r_end, r_step):
         rows = (r0 + i // GP).to(tl.int64)  # R * S * Hkv * D may pass 2^31
         ok = (rows < r_end) & (i % GP < G)
-        q = tl.load(q_ptr + rows[:, None] * stride_qr + (h * G + i % GP)[:, None] * stride_qh
-                    + dd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter computes bf16 dots wrongly
-            q = q.to(tl.float32)
+        q = _load_queries(q_ptr, rows, heads, ok, dd, d_ok, stride_qr, stride_qh, UPCAST)
         # Finite start: a fully masked tile then gives alpha = 1, p = 0 instead of NaN.
         m = tl.full([BLOCK_R * GP], -1.0e30, tl.float32)
         l = tl.zeros([BLOCK_R * GP], tl.float32)
         acc = tl.zeros([BLOCK_R * GP, BLOCK_D], tl.float32)
-
-        # The prompt; scores in log2 units (qk_scale = scale * log2(e)), hence exp2.
-        for t0 in range(p_start, p_end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < p_end
-            t64 = t.to(tl.int64)  # T * Hkv * D may pass 2^31
-            kt = tl.load(pk_ptr + t64[None, :] * stride_pkt + h * stride_pkh + dd[:, None],
-                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_T]
-            v = tl.load(pv_ptr + t64[:, None] * stride_pvt + h * stride_pvh + dd[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m = m_new
+        if SPLIT:  # the prompt part was computed by _prefix_partial_kernel
+            m, l, acc = _merge_partials(m, l, acc, pm_ptr, pl_ptr, pacc_ptr, num_splits, rows,
+                                        heads, ok, dd, d_ok, stride_ms, stride_mr, stride_as,
+                                        stride_ar, stride_ah)
+        else:
+            m, l, acc = _attend_prompt(q, m, l, acc, pk_ptr, pv_ptr, h, p_start, p_end, qk_scale,
+                                       dd, d_ok, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+                                       BLOCK_T, UPCAST, PRECISION)
 
         # The rows' own suffixes, continuing the same online softmax: that is the LSE merge of
         # the prompt part and the suffix part, done one key at a time.
@@ -206,10 +302,41 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Splitting the prompt pays when it fills idle SMs: aim at 2 programs per SM, and give each split
+# at least this many prompt tokens (below that, writing and merging the partials costs more than
+# the parallelism saves). At most _MAX_SPLITS partials per row.
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 16
+
+
+def choose_splits(prompts: int, kv_heads: int, prompt_tokens: int, row_programs: int,
+                  sm_count: int) -> int:
+    """How many chunks to split each prompt's KV into (1: no split), from shapes only, so that
+    a captured CUDA graph sees the same grid at every replay. row_programs: the programs per
+    (prompt, KV head) of the unsplit kernel."""
+    target = 2 * sm_count
+    if prompts * kv_heads * row_programs >= target:
+        return 1
+    by_length = (prompt_tokens // max(prompts, 1)) // _MIN_SPLIT_TOKENS  # an average prompt
+    return max(1, min(triton.cdiv(target, prompts * kv_heads), by_length, _MAX_SPLITS))
+
+
+_SM_COUNTS = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: no automatic split (tests choose num_splits)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def _shared_prefix_attention_triton(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v,
-                                    suffix_lens, scale):
+                                    suffix_lens, scale, num_splits=None):
     R, Hq, D = q.shape
-    Hkv = prefix_k.shape[1]
+    T, Hkv = prefix_k.shape[:2]
     B = prefix_cu.numel() - 1
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
@@ -220,19 +347,36 @@ def _shared_prefix_attention_triton(q, prefix_k, prefix_v, prefix_cu, row_cu, su
     o = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)
     block_r, block_t, block_d, num_warps = _config(triton.cdiv(R, B), GP, D, q.dtype)
     # Enough programs per (prompt, KV head) for an average prompt's rows; a larger prompt's
-    # extra blocks loop inside the programs. No host sync: R and B are shapes.
-    grid = (B, Hkv, triton.cdiv(triton.cdiv(R, B), block_r))
-    _prefix_attention_kernel[grid](
+    # extra blocks loop inside the programs. No host sync: R, B and T are shapes.
+    row_programs = triton.cdiv(triton.cdiv(R, B), block_r)
+    if num_splits is None:
+        num_splits = choose_splits(B, Hkv, T, row_programs, _sm_count(q.device))
+    consts = dict(G=G, GP=GP, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d,
+                  UPCAST=INTERPRET,
+                  PRECISION="ieee",  # fp32 inputs: exact fp32 dots, not tf32 (memory bound)
+                  num_warps=num_warps)
+    qk_scale = scale * _LOG2E
+    if num_splits > 1:  # partial softmax state per (split, row, query head), float32
+        part_m = torch.empty(num_splits, R, Hq, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(num_splits, R, Hq, D, dtype=torch.float32, device=q.device)
+        _prefix_partial_kernel[(B, Hkv, num_splits)](
+            q, prefix_k, prefix_v, prefix_cu, row_cu, part_m, part_l, part_acc, D, qk_scale,
+            q.stride(0), q.stride(1), prefix_k.stride(0), prefix_k.stride(1),
+            prefix_v.stride(0), prefix_v.stride(1), part_m.stride(0), part_m.stride(1),
+            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), **consts)
+    else:  # never read (SPLIT=False): any float32 tensor
+        part_m = part_l = part_acc = o.new_empty(1, 1, 1, 1, dtype=torch.float32)
+    _prefix_attention_kernel[(B, Hkv, row_programs)](
         q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens, o,
-        D, scale * _LOG2E,
+        part_m, part_l, part_acc, num_splits, D, qk_scale,
         q.stride(0), q.stride(1), prefix_k.stride(0), prefix_k.stride(1),
         prefix_v.stride(0), prefix_v.stride(1),
         suffix_k.stride(0), suffix_k.stride(1), suffix_k.stride(2),
         suffix_v.stride(0), suffix_v.stride(1), suffix_v.stride(2),
-        o.stride(0), o.stride(1),
-        G=G, GP=GP, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, UPCAST=INTERPRET,
-        PRECISION="ieee",  # fp32 inputs: exact fp32 dots, not tf32 (decode is memory bound)
-        num_warps=num_warps)
+        o.stride(0), o.stride(1), part_m.stride(0), part_m.stride(1),
+        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
+        SPLIT=num_splits > 1, **consts)
     return o
 
 
@@ -313,7 +457,8 @@ def _check_values(q, prefix_k, prefix_cu, row_cu, suffix_k, suffix_lens):
 def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                             prefix_cu: torch.Tensor, row_cu: torch.Tensor, suffix_k: torch.Tensor,
                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
-                            scale: float | None = None, check: bool = True) -> torch.Tensor:
+                            scale: float | None = None, check: bool = True,
+                            num_splits: int | None = None) -> torch.Tensor:
     """One decode step of attention for rows that share their prompt's KV.
 
     q [R, Hq, D] (one query token per row); prefix_k, prefix_v [T, Hkv, D]: all prompts' KV
@@ -326,7 +471,9 @@ def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: t
     Returns o [R, Hq, D] in q.dtype.
 
     Shapes are always checked; check=False skips the checks of the offsets and lengths (one
-    host sync), which the kernel trusts: wrong ones read out of bounds.
+    host sync), which the kernel trusts: wrong ones read out of bounds. num_splits: into how
+    many chunks the Triton path splits each prompt's KV (flash-decoding); default: chosen from
+    the shapes and the SM count (choose_splits), 1 under the interpreter.
     """
     _check_shapes(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
     if check:
@@ -337,4 +484,6 @@ def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: t
     args = (q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
     if not use_triton(*args):
         return shared_prefix_attention_reference(*args, scale=scale)
-    return _shared_prefix_attention_triton(*args, scale).to(q.dtype)
+    if num_splits is not None and num_splits < 1:
+        raise InvalidInputError(f"num_splits: expected >= 1, got {num_splits}")
+    return _shared_prefix_attention_triton(*args, scale, num_splits).to(q.dtype)

@@ -83,6 +83,48 @@ def test_runner_matches_hf_forward(family):
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_static_decode_updates_buffers_in_place_through_reorder_and_select():
+    # The decode step reads and advances only buffers sized at prefill (what a CUDA graph
+    # needs): after reorder, select (rows of prompt 1 all leave, prompt 0 keeps 2 of 3) and
+    # more steps, the logits still equal HF's and no buffer was reallocated.
+    model = tiny("qwen3", seed=3)
+    runner = DecoderRunner(model)
+    prompts = random_prompts(3, seed=4)
+    rows = 3
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        _, state = runner.prefill(prompts, rows, suffix_capacity=5)
+        buffers = (state.suffix_k, state.suffix_v, state.tokens, state.lens, state.start_pos,
+                   state.row_cu, state.rope_cos)
+        ptrs = [b.data_ptr() for b in buffers]
+        live = list(range(len(prompts) * rows))  # original row of each live row
+        generated = [[] for _ in live]
+        for step in range(5):
+            if step == 2:
+                state.reorder(torch.tensor([1, 1, 0, 3, 4, 5, 8, 6, 7]))
+                generated = [list(generated[i]) for i in [1, 1, 0, 3, 4, 5, 8, 6, 7]]
+            if step == 3:
+                keep = torch.tensor([0, 2, 6, 7, 8])
+                state.select(keep)
+                live = [live[i] for i in keep.tolist()]
+                generated = [generated[i] for i in keep.tolist()]
+                assert state.rows == 5 and state.row_cu.tolist() == [0, 2, 2, 5]
+            tokens = torch.randint(3, VOCAB, (state.rows,), generator=g)
+            for r, t in enumerate(tokens.tolist()):
+                generated[r].append(t)
+            hidden = runner.decode(tokens, state)
+            assert state.lens[:state.rows].tolist() == [step + 1] * state.rows
+            seqs = [prompts[live[r] // rows] + generated[r] for r in range(len(live))]
+            torch.testing.assert_close(runner.logits(hidden), hf_last_logits(model, seqs),
+                                       atol=1e-5, rtol=1e-5)
+        assert [b.data_ptr() for b in buffers] == ptrs
+        with pytest.raises(GreamError, match="suffix capacity 5 is full"):
+            runner.decode(tokens, state)
+        state.rewind(4)
+        with pytest.raises(GreamError, match=r"one token per live row \(5\)"):
+            runner.decode(tokens[:4], state)
+
+
 def hf_generate(model, prompts, constraint, num_beams, top_k, length_penalty=1.0,
                 early_stopping=False, processor=False):
     """HF beam search with the exact trie as prefix_allowed_tokens_fn (the users' baseline), or
@@ -322,3 +364,34 @@ def test_cuda_bf16_runner_tracks_hf():
         seqs = [prompts[r // 3] + [int(toks[r])] for r in range(24)]
         ref = torch.stack([model(torch.tensor([s], device="cuda")).logits[0, -1] for s in seqs])
         assert (out.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager():
+    # The same steps (with a reorder and a select that changes the row count) on two runners,
+    # eager and replaying CUDA graphs; then a whole beam search on each.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = tiny("qwen3", seed=7).cuda()
+    eager, graphs = DecoderRunner(model), DecoderRunner(model, cuda_graphs=True)
+    prompts = random_prompts(4, seed=8, lo=20, hi=60)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    with torch.no_grad():
+        (_, a), (_, b) = eager.prefill(prompts, 3, 6), graphs.prefill(prompts, 3, 6)
+        for step in range(6):
+            if step == 2:
+                parents = torch.tensor([2, 0, 1, 3, 3, 4, 6, 7, 8, 11, 9, 10], device="cuda")
+                a.reorder(parents)
+                b.reorder(parents)
+            if step == 3:
+                keep = torch.tensor([0, 1, 4, 5, 9, 10, 11], device="cuda")
+                a.select(keep)
+                b.select(keep)
+            tokens = torch.randint(3, VOCAB, (a.rows,), device="cuda", generator=g)
+            torch.testing.assert_close(graphs.decode(tokens, b), eager.decode(tokens, a),
+                                       atol=1e-5, rtol=1e-5)
+        assert sorted(b.graphs) == [7, 12] and not a.graphs  # captured once per row count
+    constraint = make_constraint().to("cuda")
+    ours = beam_search(graphs, prompts, constraint, num_beams=5, top_k=5)
+    ref = beam_search(eager, prompts, constraint, num_beams=5, top_k=5)
+    assert torch.equal(ours.items, ref.items)
+    torch.testing.assert_close(ours.scores, ref.scores, atol=1e-5, rtol=1e-5)

@@ -11,11 +11,17 @@ import sys
 
 
 PREFIX_ATTENTION_TENSORS = ("q_ptr", "pk_ptr", "pv_ptr", "sk_ptr", "sv_ptr", "o_ptr")
+PARTIALS = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pacc_ptr": "*fp32"}  # split softmax states
 PREFIX_ATTENTION_SIG = {  # the non-tensor arguments (dicts keep the kernel's argument order)
     "q_ptr": None, "pk_ptr": None, "pv_ptr": None, "prefix_cu_ptr": "*i32", "row_cu_ptr": "*i32",
-    "sk_ptr": None, "sv_ptr": None, "slen_ptr": "*i32", "o_ptr": None, "D": "i32",
-    "qk_scale": "fp32", **{f"stride_{n}": "i32" for n in (
-        "qr", "qh", "pkt", "pkh", "pvt", "pvh", "skr", "sks", "skh", "svr", "svs", "svh", "or", "oh")}}
+    "sk_ptr": None, "sv_ptr": None, "slen_ptr": "*i32", "o_ptr": None, **PARTIALS,
+    "num_splits": "i32", "D": "i32", "qk_scale": "fp32", **{f"stride_{n}": "i32" for n in (
+        "qr", "qh", "pkt", "pkh", "pvt", "pvh", "skr", "sks", "skh", "svr", "svs", "svh", "or", "oh",
+        "ms", "mr", "as", "ar", "ah")}}
+PREFIX_PARTIAL_SIG = {
+    "q_ptr": None, "pk_ptr": None, "pv_ptr": None, "prefix_cu_ptr": "*i32", "row_cu_ptr": "*i32",
+    **PARTIALS, "D": "i32", "qk_scale": "fp32", **{f"stride_{n}": "i32" for n in (
+        "qr", "qh", "pkt", "pkh", "pvt", "pvh", "ms", "mr", "as", "ar", "ah")}}
 
 # (module, kernel, signature, constexpr variants)
 KERNELS = [
@@ -62,14 +68,25 @@ KERNELS = [
      [{"BLOCK_V": 1024, "BLOCK_C": 32, "BLOCK_K": 16}]),
     ("gream_fast.kernels.prefix_attention", "_prefix_attention_kernel",
      {**PREFIX_ATTENTION_SIG, **{k: "*bf16" for k in PREFIX_ATTENTION_TENSORS}},
-     [{"G": 1, "GP": 1, "BLOCK_R": 64, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
-      {"G": 4, "GP": 4, "BLOCK_R": 16, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
-      {"G": 1, "GP": 1, "BLOCK_R": 32, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"},
-      {"G": 7, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"}]),
+     [{"G": 1, "GP": 1, "BLOCK_R": 64, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 4, "GP": 4, "BLOCK_R": 16, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 1, "GP": 1, "BLOCK_R": 32, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 7, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 8, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee", "SPLIT": True},
+      {"G": 1, "GP": 1, "BLOCK_R": 32, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee", "SPLIT": True}]),
     ("gream_fast.kernels.prefix_attention", "_prefix_attention_kernel",
      {**PREFIX_ATTENTION_SIG, **{k: "*fp32" for k in PREFIX_ATTENTION_TENSORS}},
-     [{"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"},
-      {"G": 1, "GP": 1, "BLOCK_R": 16, "BLOCK_T": 16, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"}]),
+     [{"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 1, "GP": 1, "BLOCK_R": 16, "BLOCK_T": 16, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee", "SPLIT": False},
+      {"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee", "SPLIT": True}]),
+    ("gream_fast.kernels.prefix_attention", "_prefix_partial_kernel",
+     {**PREFIX_PARTIAL_SIG, **{k: "*bf16" for k in ("q_ptr", "pk_ptr", "pv_ptr")}},
+     [{"G": 8, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 7, "GP": 8, "BLOCK_R": 4, "BLOCK_T": 64, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "ieee"},
+      {"G": 1, "GP": 1, "BLOCK_R": 64, "BLOCK_T": 64, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"}]),
+    ("gream_fast.kernels.prefix_attention", "_prefix_partial_kernel",
+     {**PREFIX_PARTIAL_SIG, **{k: "*fp32" for k in ("q_ptr", "pk_ptr", "pv_ptr")}},
+     [{"G": 2, "GP": 2, "BLOCK_R": 8, "BLOCK_T": 16, "BLOCK_D": 64, "UPCAST": False, "PRECISION": "ieee"}]),
     ("gream_fast.kernels.sid_logprob", "_lse_gather_kernel",
      {"z_ptr": "*fp32", "tok_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i32",
       "K": "i32", "stride_z": "i32"},

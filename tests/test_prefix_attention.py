@@ -1,11 +1,12 @@
 """Shared-prefix decode attention (Triton through the interpreter) against its torch reference and
 a naive per-row oracle, on fresh random inputs: ragged prompts, prompts with 0 and 1 rows,
-empty suffixes, GQA and MHA, several row blocks per prompt, fp32 and bf16."""
+empty suffixes, GQA and MHA, several row blocks per prompt, fp32 and bf16, and the prompt KV
+split across programs (flash-decoding) into 2..8 chunks."""
 import pytest
 import torch
 
 from gream_fast.errors import InvalidInputError
-from gream_fast.kernels.prefix_attention import (shared_prefix_attention,
+from gream_fast.kernels.prefix_attention import (choose_splits, shared_prefix_attention,
                                                  shared_prefix_attention_reference)
 
 
@@ -92,6 +93,43 @@ def test_odd_group_odd_head_dim_several_programs_per_prompt(poisoned_empty):
                                atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_prompt_matches_reference_and_oracle(num_splits, dtype, poisoned_empty):
+    # Ragged prompts of 1..70 tokens (16-token tiles: 1 to 5 tiles), so that with 8 splits most
+    # chunks of the short prompts are empty and with 2 or 3 the long ones have several tiles per
+    # chunk; 20 rows (several row blocks in each split program), prompts with 0 and 1 rows, an
+    # empty and a full suffix (make). The partials come from the poisoned torch.empty: a chunk
+    # that writes nothing fails.
+    args = make([70, 5, 33, 1, 48], [3, 0, 20, 1, 6], 6, 2, 16, 5, dtype, seed=num_splits)
+    o = shared_prefix_attention(**args, num_splits=num_splits)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(o.float(), naive(**args), **tol)
+    torch.testing.assert_close(o, shared_prefix_attention_reference(**clean(args)), **tol)
+    if dtype == torch.float32:  # the split changes the order of the sums only
+        torch.testing.assert_close(o, shared_prefix_attention(**args, num_splits=1), atol=1e-6,
+                                   rtol=1e-6)
+
+
+def test_split_with_no_suffix_at_all(poisoned_empty):
+    args = make([40, 9], [2, 3], 2, 1, 16, 3, seed=8)
+    args["suffix_lens"].zero_()
+    o = shared_prefix_attention(**args, num_splits=3)
+    torch.testing.assert_close(o, naive(**args), atol=1e-5, rtol=1e-5)
+
+
+def test_choose_splits_from_shapes():
+    # enough (prompt, KV head, row block) programs already: no split
+    assert choose_splits(64, 8, 64 * 4096, 1, sm_count=132) == 1
+    # one long prompt and one KV head: as many splits as fill the SMs, capped at _MAX_SPLITS
+    assert choose_splits(1, 1, 32768, 1, sm_count=132) == 16
+    # few programs, but the prompts are short: chunks would be under 256 tokens
+    assert choose_splits(2, 2, 2 * 300, 1, sm_count=132) == 1
+    assert choose_splits(2, 2, 2 * 1024, 1, sm_count=132) == 4
+    # 4 prompts x 2 KV heads x 1 row block, 2 x 8 SMs = 16 programs wanted: 2 splits
+    assert choose_splits(4, 2, 4 * 4096, 1, sm_count=8) == 2
+
+
 def test_identical_suffixes_give_identical_outputs():
     # Beam search at its first step: every row of a prompt has the same query and suffix.
     args = make([29, 11], [20, 3], 4, 2, 32, 4, seed=3)
@@ -143,6 +181,7 @@ def test_bad_inputs():
     bad(r"suffix_lens: expected an integer \[R=3\]", suffix_lens=torch.zeros(3))
     bad("prefix_k: expected the dtype of q", prefix_k=args["prefix_k"].double())
     bad("q: expected a float", q=args["q"][0])
+    bad("num_splits: expected >= 1, got 0", num_splits=0)
 
 
 @pytest.mark.gpu
@@ -154,6 +193,20 @@ def test_cuda_kernel_matches_reference():
     rows = [16, 0, 1, 32, 5, 16, 16, 9]
     for dtype, d, tol in ((torch.bfloat16, 128, 2e-2), (torch.float32, 64, 1e-4)):
         args = clean(make(prompts, rows, 28, 4, d, 48, dtype, seed=d))
-        o = shared_prefix_attention(**{k: v.cuda() for k, v in args.items()})
-        torch.testing.assert_close(o.cpu(), shared_prefix_attention_reference(**args), atol=tol,
-                                   rtol=tol)
+        ref = shared_prefix_attention_reference(**args)
+        for num_splits in (None, 1, 5):
+            o = shared_prefix_attention(**{k: v.cuda() for k, v in args.items()},
+                                        num_splits=num_splits)
+            torch.testing.assert_close(o.cpu(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_cuda_long_prompts_split_automatically():
+    # 2 prompts of ~6k tokens, 4 rows each, 2 KV heads: 4 (prompt, KV head) pairs, far under
+    # 2 programs per SM, so choose_splits splits them
+    from gream_fast.kernels.prefix_attention import _sm_count
+    args = clean(make([6000, 5100], [4, 4], 16, 2, 128, 9, torch.bfloat16, seed=11))
+    assert choose_splits(2, 2, 11100, 1, _sm_count(torch.device("cuda"))) > 1
+    o = shared_prefix_attention(**{k: v.cuda() for k, v in args.items()})
+    torch.testing.assert_close(o.cpu(), shared_prefix_attention_reference(**args), atol=2e-2,
+                               rtol=2e-2)

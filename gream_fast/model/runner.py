@@ -9,6 +9,10 @@ embedding, MLP) and replaces what HF's machinery costs in generation:
   samples continue it; each row owns a small suffix buffer for the tokens it generated.
   Reordering beams moves suffix entries only (a few tokens), never prompt KV; the attention
   reads each prompt's KV once per step for all its rows (kernels/prefix_attention.py);
+- a static decode step: everything a step reads or advances (token inputs, suffix lengths,
+  positions, rope tables, the row grouping) lives in buffers sized at prefill and updated in
+  place, so a step has fixed shapes for a given row count and no host sync; on CUDA the runner
+  can capture it in a CUDA graph per row count and replay it (cuda_graphs=True);
 - heads: the full LM head, or only a slice of its rows (one SID level's tokens).
 Other architectures go through `HFRunner`: the HF forward, slower but correct.
 """
@@ -57,40 +61,71 @@ def pack_prompts(prompts, device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return ids, positions, cu.to(device)
 
 
-@dataclass
 class KVState:
-    """The cache of one generation batch.
+    """The cache of one generation batch, in buffers sized at prefill for `capacity` rows and
+    `suffix_capacity` steps; the live rows are the first `rows` of each row buffer.
 
     prefix_k/v: per layer [T, Hkv, D], prompt b at rows prefix_cu[b]:prefix_cu[b+1]; rows (beams
     or samples) are grouped by prompt, those of prompt b at row_cu[b]:row_cu[b+1]; suffix_k/v:
-    [layers, R, S, Hkv, D], the first `steps` entries of each row written.
+    [layers, capacity, S, Hkv, D], the first `steps` entries of each live row written.
+    Everything is updated in place (reorder, select, decode), never reallocated: a captured
+    CUDA graph keeps reading the same addresses.
     """
-    prefix_k: list
-    prefix_v: list
-    prefix_cu: torch.Tensor
-    prompt_lens: torch.Tensor  # [B] int64
-    row_cu: torch.Tensor
-    row_prompt: torch.Tensor  # [R] int64
-    suffix_k: torch.Tensor
-    suffix_v: torch.Tensor
-    steps: int = 0
+
+    def __init__(self, prefix_k, prefix_v, prefix_cu, prompt_lens, row_prompt, suffix_k,
+                 suffix_v, rope_cos, rope_sin):
+        self.prefix_k, self.prefix_v, self.prefix_cu = prefix_k, prefix_v, prefix_cu
+        self.prompt_lens = prompt_lens  # [B] int64
+        self.suffix_k, self.suffix_v = suffix_k, suffix_v
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin  # [positions, D], rows by position
+        cap, dev = len(row_prompt), prompt_lens.device
+        self.num_rows = cap
+        self.steps = 0
+        self.row_cu = torch.zeros(len(prompt_lens) + 1, dtype=torch.int32, device=dev)
+        self._row_prompt = row_prompt.clone()  # [capacity] int64
+        self.tokens = torch.zeros(cap, dtype=torch.int64, device=dev)  # a step's inputs
+        self.lens = torch.zeros(cap, dtype=torch.int32, device=dev)  # suffix entries written
+        self.start_pos = prompt_lens[row_prompt].clone()  # position of a row's first token
+        # flat index of entry 0 of row r in a layer's [capacity * S, Hkv, D] suffix view
+        self.slot0 = torch.arange(cap, device=dev) * suffix_k.shape[2]
+        self.graphs = {}  # rows -> (CUDAGraph, its output), see DecoderRunner
+        self._regroup()
 
     @property
     def rows(self) -> int:
-        return self.suffix_k.shape[1]
+        return self.num_rows
+
+    @property
+    def row_prompt(self) -> torch.Tensor:
+        return self._row_prompt[:self.num_rows]
+
+    def _regroup(self) -> None:
+        """row_cu from row_prompt, in place; index_add_ rather than bincount: no host sync."""
+        counts = torch.zeros(len(self.prompt_lens), dtype=torch.int64, device=self.row_cu.device)
+        counts.index_add_(0, self.row_prompt, torch.ones_like(self.row_prompt))
+        self.row_cu[1:] = torch.cumsum(counts, 0)
 
     def reorder(self, parents: torch.Tensor) -> None:
         """Row r continues row parents[r] (of the same prompt): copy the suffixes, no prompt KV."""
-        s = self.steps
-        self.suffix_k[:, :, :s] = self.suffix_k[:, parents, :s]
-        self.suffix_v[:, :, :s] = self.suffix_v[:, parents, :s]
+        n, s = self.num_rows, self.steps
+        self.suffix_k[:, :n, :s] = self.suffix_k[:, parents, :s]
+        self.suffix_v[:, :n, :s] = self.suffix_v[:, parents, :s]
 
     def select(self, keep: torch.Tensor) -> None:
-        """Keep only rows `keep` (sorted, so rows stay grouped by prompt): finished rows leave."""
-        self.suffix_k = self.suffix_k[:, keep]
-        self.suffix_v = self.suffix_v[:, keep]
-        self.row_cu, self.row_prompt = group_rows(
-            torch.bincount(self.row_prompt[keep], minlength=len(self.prompt_lens)))
+        """Keep only rows `keep` (sorted, so rows stay grouped by prompt): finished rows leave.
+        The kept rows move to the front of the buffers (the gather copies before the write)."""
+        n = keep.numel()
+        for buf in (self.suffix_k, self.suffix_v):
+            buf[:, :n] = buf[:, keep]
+        for buf in (self._row_prompt, self.lens, self.start_pos):
+            buf[:n] = buf[keep]
+        self.num_rows = n
+        self._regroup()
+
+    def rewind(self, steps: int = 0) -> None:
+        """Forget the entries after `steps` (benchmarks repeat one step this way)."""
+        self.steps = steps
+        self.lens.fill_(steps)
 
 
 def rotate(x, cos, sin):
@@ -132,7 +167,7 @@ class DecoderRunner:
     """Prefill + shared-prefix decode for a Qwen3/Qwen2/Llama HF model (weights shared, not
     copied)."""
 
-    def __init__(self, model):
+    def __init__(self, model, cuda_graphs: bool = False):
         if not supports(model):
             raise InvalidInputError(
                 f"DecoderRunner runs {', '.join(SUPPORTED)} without sliding-window layers; got "
@@ -151,6 +186,8 @@ class DecoderRunner:
         self.norm = model.model.norm
         self.rotary = model.model.rotary_emb
         self.lm_head = model.get_output_embeddings()
+        # replay each decode step from a CUDA graph (per state and row count); CUDA only
+        self.cuda_graphs = cuda_graphs
 
     @property
     def device(self):
@@ -201,35 +238,74 @@ class DecoderRunner:
             x = self._block(layer, x, attend)
         last = self.norm(x[cu[1:].long() - 1])
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
-        row_cu, row_prompt = group_rows(counts)
+        _, row_prompt = group_rows(counts)
         shape = (len(self.layers), len(row_prompt), suffix_capacity, self.num_kv_heads,
                  self.head_dim)
-        state = KVState(pk, pv, cu, lens, row_cu, row_prompt,
+        # rope for every position a decode step can reach, looked up by position
+        cos, sin = self._rope(last, torch.arange(max_len + suffix_capacity, device=self.device))
+        state = KVState(pk, pv, cu, lens, row_prompt,
                         torch.zeros(shape, dtype=self.dtype, device=self.device),
-                        torch.zeros(shape, dtype=self.dtype, device=self.device))
+                        torch.zeros(shape, dtype=self.dtype, device=self.device), cos, sin)
         return last, state
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, state: KVState) -> torch.Tensor:
-        """Feed one token per row [R]; returns the rows' hidden states [R, H] (final norm)."""
-        s = state.steps
-        if s >= state.suffix_k.shape[2]:
+        """Feed one token per live row [rows]; returns the rows' hidden states [rows, H] (final
+        norm)."""
+        n = state.rows
+        if state.steps >= state.suffix_k.shape[2]:
             raise InvalidInputError(f"decode: suffix capacity {state.suffix_k.shape[2]} is full")
-        x = self.embed(tokens)
-        positions = state.prompt_lens[state.row_prompt] + s
-        cos, sin = self._rope(x, positions)
-        lens = torch.full((state.rows,), s + 1, dtype=torch.int32, device=x.device)
+        if tokens.shape != (n,):
+            raise InvalidInputError(f"decode: expected one token per live row ({n}), got "
+                                    f"shape {list(tokens.shape)}")
+        state.tokens[:n].copy_(tokens)
+        if self.cuda_graphs and state.tokens.is_cuda:
+            out = self._graph_step(state, n)
+        else:
+            out = self._step(state, n)
+        state.steps += 1
+        return out
+
+    def _step(self, state: KVState, n: int) -> torch.Tensor:
+        """One decode step of the first n rows, reading and advancing only state's buffers: the
+        same shapes and launches for every call with n rows, no host sync (graph-capturable)."""
+        lens = state.lens[:n]
+        write = state.slot0[:n] + lens  # each row's next suffix entry, flat per layer
+        positions = state.start_pos[:n] + lens
+        cos, sin = state.rope_cos[positions], state.rope_sin[positions]
+        lens.add_(1)  # the attention covers the entry written now
+        x = self.embed(state.tokens[:n])
+        hkv, d = self.num_kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             def attend(h, i=i, layer=layer):
                 q, k, v = self._qkv(layer, h, cos, sin)
-                state.suffix_k[i, :, s] = k
-                state.suffix_v[i, :, s] = v
+                state.suffix_k[i].view(-1, hkv, d).index_copy_(0, write, k)
+                state.suffix_v[i].view(-1, hkv, d).index_copy_(0, write, v)
                 return shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i],
-                                               state.prefix_cu, state.row_cu, state.suffix_k[i],
-                                               state.suffix_v[i], lens, self.scale, check=False)
+                                               state.prefix_cu, state.row_cu, state.suffix_k[i, :n],
+                                               state.suffix_v[i, :n], lens, self.scale, check=False)
             x = self._block(layer, x, attend)
-        state.steps = s + 1
         return self.norm(x)
+
+    def _graph_step(self, state: KVState, n: int) -> torch.Tensor:
+        """_step replayed from a CUDA graph captured the first time the state runs n rows. That
+        first step runs eagerly on a side stream (it compiles the Triton kernels and warms the
+        allocator, which capture needs) and is the step's result; capture only records, so it
+        leaves the state as the eager step left it."""
+        if n not in state.graphs:
+            side = torch.cuda.Stream(device=state.tokens.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._step(state, n)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._step(state, n)
+            state.graphs[n] = (graph, static_out)
+            return out
+        graph, static_out = state.graphs[n]
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
@@ -313,9 +389,10 @@ class HFRunner:
     logits = DecoderRunner.logits
 
 
-def make_runner(model):
-    """DecoderRunner where it supports the architecture, HFRunner otherwise."""
-    return DecoderRunner(model) if supports(model) else HFRunner(model)
+def make_runner(model, cuda_graphs: bool = False):
+    """DecoderRunner where it supports the architecture (decode steps replayed from CUDA graphs
+    with cuda_graphs=True, on CUDA), HFRunner otherwise."""
+    return DecoderRunner(model, cuda_graphs) if supports(model) else HFRunner(model)
 
 
 def bytes_per_prompt(runner, prompt_len: int, rows: int, steps: int) -> int:
