@@ -41,13 +41,14 @@ def test_dynamic_sampling_drops_zero_variance_groups():
     model, con = setup(seed=1)
     prompts = [[3, 4], [5, 6]]
     # n = 1: every group has zero variance, so nothing is kept after max_draws draws
-    _, _, rewards, _, draws = draw_groups(model, prompts, [0, 1], con,
+    _, _, rewards, _, draws, _ = draw_groups(model, prompts, [0, 1], con,
                                           SRPOStepConfig(n=1, max_draws=3), seed=0)
     assert draws == 3 and len(rewards) == 0
-    kept_p, kept_r, rewards, matches, _ = draw_groups(model, prompts, [0, 1], con,
+    kept_p, kept_r, rewards, matches, _, starts = draw_groups(model, prompts, [0, 1], con,
                                                        SRPOStepConfig(n=8, groups=1), seed=0)
     assert len(kept_p) == 1 and len(kept_r[0]) == 8 and len(rewards) == 8
     assert rewards.unique().numel() > 1  # a kept group has variance
+    assert starts.tolist() == [0] * 8  # direct mode: the response is the SID
     # rewards follow METHOD.md: exact 1.0, else by the shared prefix
     assert all(r[-1] == EOS for r in kept_r[0])  # responses are SID + EOS
     items = con.trie.lookup(np.array(kept_r[0]))
@@ -91,3 +92,99 @@ def test_sid_scored_logprobs_normalise_over_the_level():
             level = con.level_rows(d)
             want = torch.log_softmax(h[m] @ w[level].T, -1)[t - level.start]
             assert abs(float(got[m]) - float(want)) < 1e-5
+
+
+# -- reasoning mode ---------------------------------------------------------------------------
+MARKER, STOP = [7, 8], 3  # the answer marker's ids; a token that ends a turn
+
+
+def reasoning_rollouts(model, con, prompts, n, seed, budget=5, score="full"):
+    from gream_fast.generate import sample
+
+    return sample(model, prompts, con, n=n, mode="reasoning", think_budget=budget,
+                  answer_ids=MARKER, stop_ids=[STOP], seed=seed, score=score)
+
+
+def test_reasoning_sample_is_seeded_real_and_reports_the_policy_logprobs():
+    model, con = setup(seed=4)
+    prompts, n, budget = [[3, 4, 5], [6, 9]], 4, 5
+    a = reasoning_rollouts(model, con, prompts, n, seed=1, budget=budget)
+    b = reasoning_rollouts(model, con, prompts, n, seed=1, budget=budget)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, reasoning_rollouts(model, con, prompts, n, seed=2).tokens)
+    assert torch.equal(a.prompt, torch.arange(2).repeat_interleave(n))
+    for r in range(len(a.tokens)):
+        toks, s = a.tokens[r][a.mask[r]].tolist(), int(a.sid_start[r])
+        # text, then the marker (forced only when the budget ran out), the SID, the end token
+        assert toks[s - 2:s] == MARKER and STOP not in toks[:s - 2]
+        assert (s - 2 == budget) if a.forced[r] else (s - 2 <= budget)
+        assert toks[-1] == EOS and EOS not in toks[s:-1]
+        assert con.trie.lookup(np.array([toks[s:]]))[0] == int(a.items[r]) >= 0
+        # each token's log-prob: the model's full-vocabulary log-softmax after prompt + prefix
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[r // n] + toks])).logits[0]
+        lp = torch.log_softmax(logits[len(prompts[r // n]) - 1:-1], -1)
+        want = lp[torch.arange(len(toks)), torch.tensor(toks)]
+        torch.testing.assert_close(a.logprobs[r][a.mask[r]], want, atol=1e-5, rtol=0)
+    assert a.forced.any()  # a random model rarely writes the marker itself
+
+
+def test_reasoning_logprobs_text_full_and_sid_per_score():
+    from gream_fast.train.group_pack import pack_groups
+    from gream_fast.train.srpo import response_logprobs
+
+    model, con = setup(seed=5)
+    prompts = [[3, 4, 5], [6, 9]]
+    roll = reasoning_rollouts(model, con, prompts, 3, seed=0, budget=4)
+    resp = [roll.tokens[r][roll.mask[r]].tolist() for r in range(len(roll.tokens))]
+    batch = pack_groups(prompts, [resp[:3], resp[3:]])
+    full = response_logprobs(model, batch, con, "full", roll.sid_start)
+    sid = response_logprobs(model, batch, con, "sid", roll.sid_start)
+    full.sum().backward()  # differentiable through the chunked path
+    at = 0
+    for r, toks in enumerate(resp):
+        s = int(roll.sid_start[r])
+        with torch.no_grad():
+            h = model.model(torch.tensor([prompts[r // 3] + toks])).last_hidden_state[0]
+        h = h[len(prompts[r // 3]) - 1:-1]
+        w = model.lm_head.weight.detach()
+        lp = torch.log_softmax(h @ w.T, -1)[torch.arange(len(toks)), torch.tensor(toks)]
+        torch.testing.assert_close(full[at:at + len(toks)].detach(), lp, atol=1e-5, rtol=0)
+        want = lp.clone()  # score="sid": text as full; SID over its level; the end token 0
+        for j in range(s, len(toks)):
+            rows = con.level_rows(j - s)
+            want[j] = 0.0 if toks[j] == EOS else torch.log_softmax(h[j] @ w[rows].T, -1)[
+                toks[j] - rows.start]
+        torch.testing.assert_close(sid[at:at + len(toks)].detach(), want, atol=1e-5, rtol=0)
+        at += len(toks)
+
+
+def test_reasoning_step_updates_the_policy_and_gates_the_reward():
+    from gream_fast.train.rewards import ThinkFormat
+
+    model, con = setup(seed=6)
+    prompts, n, seed = [[3, 4, 5], [6, 9]], 4, 3
+    cfg = SRPOStepConfig(n=n, mode="reasoning", think_budget=5, max_draws=1)
+    # the rollouts srpo_step will draw first (the same seed): take the think markers from row
+    # 0's text, so row 0 is well formed, and make its item prompt 0's target (reward 1.0)
+    roll = reasoning_rollouts(model, con, prompts, n, seed=seed, budget=5)
+    text = roll.tokens[0][:int(roll.sid_start[0]) - 2].tolist()
+    fmt = ThinkFormat(answer=MARKER, think_open=text[:1], think_close=text[-1:], stop=(STOP,))
+    targets = [int(roll.items[0]), int(roll.items[n])]
+    _, resp, rewards, _, _, starts = draw_groups(model, prompts, targets, con, cfg, seed,
+                                                 fmt=fmt)
+    assert resp[0][0] == roll.tokens[0][roll.mask[0]].tolist() and rewards[0] == 1.0
+    assert torch.equal(starts[:n], roll.sid_start[:n])
+    for r, toks in enumerate(sum(resp, [])):  # a reward > 0 needs the think block
+        if rewards[r] > 0:
+            s = int(starts[r])
+            o = toks.index(fmt.think_open[0])
+            assert fmt.think_close[0] in toks[o + 1:s - 2]
+    ref = copy.deepcopy(model).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = srpo_step(model, ref, opt, prompts, targets, con, cfg, seed=seed, fmt=fmt)
+    assert stats["updated"] and stats["kept_groups"] >= 1
+    assert all(np.isfinite(stats[k]) for k in ("loss", "grad_norm", "reward_mean", "kl"))
+    assert stats["response_len"] > LEVELS + 1 and abs(stats["kl"]) < 1e-6
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -8,6 +8,10 @@ prompt + reasoning + marker (the answer is always a real item, **beyond** the re
 unconstrained answer), each SID closed by `</answer>`. One reasoning chain per prompt: the
 beams branch at the answer, where the ranking is decided. Where `</answer>` is several
 tokens, its first token closes the SID.
+
+The loop (reason_rows) also serves SRPO's reasoning rollouts (generate.sample, mode
+"reasoning"): n rows per prompt on one prefill, each row going on from its marker to sample a
+SID under the trie, every token with the policy's log-prob.
 """
 from dataclasses import dataclass
 
@@ -42,7 +46,151 @@ def sample_logits(logits, temperature: float, top_p: float, generator=None) -> t
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+THINK, FORCE, ANSWER = 0, 1, 2  # a row's phase: free text, the forced marker, the SID
+
+
+@dataclass
+class ReasonRows:
+    tokens: list  # per row: generated ids (reasoning up to the marker; then SID + end token)
+    logprobs: list  # per row: the policy's log-prob of each token (with a constraint only)
+    forced: list  # per row: the think budget ran out and the marker was forced
+    sid_start: list  # per row: index in tokens where the SID starts (-1: no answer phase)
+    items: list  # per row: the item its SID names (-1: no answer phase)
+
+
+def _stops(eos_token_id) -> set:
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+
+def _marker_seen(seqs, answer_ids, tokenizer=None, answer=None) -> list:
+    """Per token list: does it end with the marker (as ids, or in the decoded text)?"""
+    m = len(answer_ids)
+    if tokenizer is not None and answer is not None:
+        return [answer in t for t in tokenizer.batch_decode([q[-2 * m - 2:] for q in seqs])]
+    return [q[-m:] == answer_ids for q in seqs]
+
+
+def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, top_p, gen):
+    """One trie-constrained sample per answering row: (token, child node, log-prob)."""
+    from gream_fast.generate.beam import step_candidates
+    from gream_fast.kernels.trie_logits import sample_children
+
+    tok = torch.empty(len(nodes), dtype=torch.int64, device=nodes.device)
+    child, lp = torch.empty_like(nodes), torch.empty(len(nodes), device=nodes.device)
+    # score="sid" reads the level's LM-head rows, so rows at different depths go apart
+    groups = [None] if score == "full" else sorted(set(depth.tolist()))
+    for d in groups:
+        rows = torch.arange(len(nodes)) if d is None else torch.nonzero(depth == d).flatten()
+        rows = rows.to(nodes.device)
+        s, t, c = step_candidates(runner, hidden[rows], nodes[rows], constraint, d or 0,
+                                  constraint.max_children, score)
+        _, t, c, l = sample_children(s, t, c, temperature, top_p, generator=gen)
+        tok[rows], child[rows], lp[rows] = t, c.to(child.dtype), l
+    return tok, child, lp
+
+
 @torch.no_grad()
+def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
+                top_p: float = 0.9, eos_token_id=None, seed: int = 0, tokenizer=None,
+                answer: str | None = None, n: int = 1, constraint=None,
+                score: str = "full") -> ReasonRows:
+    """The reasoning loop behind think() and reasoning-mode sampling. n rows per prompt share
+    its prefill and prompt KV; each writes free text (sample_logits at temperature / top_p)
+    until the marker (see think). Rows that finish leave the batch. Without a constraint a row
+    stops at the marker, or at an EOS (eos_token_id: an id or ids), or when the budget runs
+    out (think() appends the marker). With one (an SIDConstraint whose EOS is the answer's end
+    token), a row goes on: a sampled EOS is replaced by the marker, an exhausted budget forces
+    the marker, the marker tokens are fed, then a SID is sampled under the trie
+    (sample_children at temperature / top_p) and closed by the end token; every token gets
+    the policy's log-prob (temperature 1; full vocabulary for text and the marker, `score`
+    for the SID as in direct sampling)."""
+    answer_ids = [int(t) for t in answer_ids]
+    m, dev, stops = len(answer_ids), runner.device, _stops(eos_token_id)
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    R = len(prompts) * n
+    res = ReasonRows([[] for _ in range(R)], [[] for _ in range(R)], [False] * R, [-1] * R,
+                     [-1] * R)
+    capacity = budget + (m + constraint.max_len if constraint is not None else 0)
+    hidden, state = runner.prefill(prompts, n, max(capacity, 1))
+    hidden = hidden.repeat_interleave(n, 0)
+    rows = list(range(R))  # the row of each live row
+    phase = torch.full((R,), THINK)  # host state of the live rows
+    fpos, depth = torch.zeros(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64)
+    nodes = torch.zeros(R, dtype=torch.int32, device=dev)
+    marker = torch.tensor(answer_ids, device=dev)
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=dev)
+    step = 0
+    while True:
+        if step == budget and constraint is not None:  # the budget is spent: answer now
+            for j in torch.nonzero(phase == THINK).flatten().tolist():
+                res.forced[rows[j]] = True
+            phase[phase == THINK] = FORCE
+        logits = runner.logits(hidden)
+        tok = torch.zeros(len(rows), dtype=torch.int64, device=dev)
+        thinking = torch.nonzero(phase == THINK).flatten()
+        if len(thinking) == len(rows):  # (all rows: the same draw as over the whole batch)
+            tok = sample_logits(logits, temperature, top_p, gen)
+        elif len(thinking):
+            tok[thinking.to(dev)] = sample_logits(logits[thinking.to(dev)], temperature, top_p,
+                                                  gen)
+        if constraint is not None:
+            if stops and len(thinking):  # ended without an answer: the marker replaces EOS
+                ended = torch.isin(tok, stop_ids).cpu() & (phase == THINK)
+                phase[ended], fpos[ended] = FORCE, 0
+            forcing = torch.nonzero(phase == FORCE).flatten()
+            tok[forcing.to(dev)] = marker[fpos[forcing].to(dev)]
+            lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+            answering = torch.nonzero(phase == ANSWER).flatten()
+            if len(answering):
+                a = answering.to(dev)
+                t, c, l = _answer_step(runner, hidden[a], nodes[a], depth[answering],
+                                       constraint, score, temperature, top_p, gen)
+                tok[a], lp[a], nodes[a] = t, l, c
+            lps = lp.tolist()
+        toks = tok.tolist()
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            res.tokens[r].append(toks[j])
+            if constraint is not None:
+                res.logprobs[r].append(lps[j])
+        if len(thinking):
+            think_rows = [j for j in thinking.tolist() if phase[j] == THINK]
+            seen = _marker_seen([res.tokens[rows[j]] for j in think_rows], answer_ids,
+                                tokenizer, answer)
+            for j, hit in zip(think_rows, seen):
+                if constraint is None:
+                    done[j] = hit or toks[j] in stops
+                elif hit:
+                    phase[j], res.sid_start[rows[j]] = ANSWER, len(res.tokens[rows[j]])
+        if constraint is not None:
+            items = constraint.items_of_nodes(nodes).tolist()
+            for j in range(len(rows)):
+                if phase[j] == FORCE:
+                    fpos[j] += 1
+                    if fpos[j] == m:
+                        phase[j], res.sid_start[rows[j]] = ANSWER, len(res.tokens[rows[j]])
+                elif phase[j] == ANSWER and res.sid_start[rows[j]] < len(res.tokens[rows[j]]):
+                    depth[j] += 1  # (not the rows that reached the answer just now)
+                    if toks[j] == constraint.eos_token_id:
+                        done[j], res.items[rows[j]] = True, items[j]
+        if constraint is None and step == budget - 1:
+            break
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = torch.nonzero(~done).flatten()
+            state.select(keep.to(dev))
+            rows = [rows[j] for j in keep.tolist()]
+            phase, fpos, depth = phase[keep], fpos[keep], depth[keep]
+            keep = keep.to(dev)
+            hidden, tok, nodes = hidden[keep], tok[keep], nodes[keep]
+        hidden = runner.decode(tok, state)
+        step += 1
+    return res
+
+
 def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
           top_p: float = 0.9, eos_token_id: int | None = None, seed: int = 0,
           tokenizer=None, answer: str | None = None):
@@ -53,41 +201,16 @@ def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
     if not answer_ids or budget < 0:
         raise InvalidInputError("think: answer_ids must be non-empty and budget >= 0")
     b, m = len(prompts), len(answer_ids)
-    out = [[] for _ in range(b)]
     forced = torch.zeros(b, dtype=torch.bool)
-    gen = torch.Generator(device=runner.device).manual_seed(int(seed))
     if budget == 0:
         return [list(answer_ids) for _ in range(b)], forced | True
-    hidden, state = runner.prefill(prompts, 1, budget)
-    rows = torch.arange(b)  # the prompt of each row still in the batch
-    marker = torch.tensor(answer_ids, device=runner.device)
-    tail = torch.full((b, m), -1, dtype=torch.int64, device=runner.device)
-    for step in range(budget):
-        tok = sample_logits(runner.logits(hidden), temperature, top_p, gen)
-        tail = torch.cat([tail[:, 1:], tok[:, None]], 1)
-        for r, t in zip(rows.tolist(), tok.tolist()):
-            out[r].append(t)
-        if tokenizer is not None and answer is not None:
-            texts = tokenizer.batch_decode([out[r][-2 * m - 2:] for r in rows.tolist()])
-            done = torch.tensor([answer in t for t in texts], device=tok.device)
-        else:
-            done = (tail == marker).all(1)
-        if eos_token_id is not None:  # ended without an answer: answer now
-            done |= tok == eos_token_id
-        if step == budget - 1:
-            break
-        if bool(done.any()):
-            keep = torch.nonzero(~done).flatten()
-            if keep.numel() == 0:
-                break
-            state.select(keep)
-            rows, hidden, tok, tail = rows[keep.cpu()], hidden[keep], tok[keep], tail[keep]
-        hidden = runner.decode(tok, state)
+    out = reason_rows(runner, prompts, answer_ids, budget, temperature, top_p, eos_token_id,
+                      seed, tokenizer, answer).tokens
+    stops = _stops(eos_token_id)
     for r in range(b):
-        text_done = (tokenizer is not None and answer is not None
-                     and answer in tokenizer.decode(out[r][-2 * m - 2:]))
-        if out[r][-m:] != answer_ids and not text_done:
-            if eos_token_id is not None and out[r] and out[r][-1] == eos_token_id:
+        if out[r][-m:] != answer_ids and not _marker_seen([out[r]], answer_ids, tokenizer,
+                                                          answer)[0]:
+            if out[r] and out[r][-1] in stops:
                 out[r].pop()
             else:
                 forced[r] = True

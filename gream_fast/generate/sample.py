@@ -1,4 +1,6 @@
 """Constrained sampling for SRPO rollouts: n responses per prompt, every one a real item.
+Direct mode below; reasoning mode (free text, the answer marker, then the SID) in
+_sample_reasoning, on generate.reasoning's loop.
 
 The n samples of a prompt share its prefill and its prompt KV (rows_per_prompt = n in the
 runner). Each step samples from the node's children, renormalised over them with the
@@ -26,19 +28,29 @@ class Rollouts:
     mask: torch.Tensor  # [B * n, T] bool, True on response tokens
     items: torch.Tensor  # [B * n] int64 the item each response names
     prompt: torch.Tensor  # [B * n] int64 prompt index of each row (groups are contiguous)
+    # reasoning mode only (None in direct mode):
+    sid_start: torch.Tensor | None = None  # [B * n] int64 where the SID starts (after the marker)
+    forced: torch.Tensor | None = None  # [B * n] bool: the think budget ran out, marker forced
 
 
 @torch.no_grad()
 def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: float = 1.0,
            top_p: float = 1.0, mode: str = "direct", score: str = "full", seed: int = 0,
-           pad_id: int | None = None, runner=None) -> Rollouts:
-    """n trie-constrained samples per prompt (direct mode: the response is the SID + EOS).
-    Seeded: the same seed gives the same rollouts on the same device."""
-    if mode != "direct":
-        raise InvalidInputError(f"mode: only 'direct' sampling is implemented, got {mode!r}")
+           pad_id: int | None = None, runner=None, think_budget: int = 512,
+           answer: str = "<answer>", answer_end: str = "</answer>", answer_ids=None,
+           stop_ids=None) -> Rollouts:
+    """n trie-constrained samples per prompt. Direct mode: the response is the SID + EOS.
+    Reasoning mode: free text until the answer marker, then the SID + the end token (see
+    _sample_reasoning). Seeded: the same seed gives the same rollouts on the same device."""
+    if mode not in ("direct", "reasoning"):
+        raise InvalidInputError(f"mode: expected 'direct' or 'reasoning', got {mode!r}")
     if n < 1:
         raise InvalidInputError(f"n: expected >= 1, got {n}")
     runner = runner or make_runner(model)
+    if mode == "reasoning":
+        return _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, score,
+                                 seed, pad_id, think_budget, answer, answer_end, answer_ids,
+                                 stop_ids)
     constraint = index if isinstance(index, SIDConstraint) else SIDConstraint(
         index, tokenizer, device=runner.device)
     prompts = encode_prompts(tokenizer, prompts)
@@ -72,3 +84,54 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
         raise RuntimeError("a sampled response is not a complete item (cannot happen)")
     prompt = torch.arange(b, device=dev).repeat_interleave(n)
     return Rollouts(tokens, logprobs, mask, items, prompt)
+
+
+def _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, score, seed,
+                      pad_id, think_budget, answer, answer_end, answer_ids, stop_ids) -> Rollouts:
+    """Reasoning-mode rollouts (generate.reasoning.reason_rows): per row, free text sampled at
+    temperature / top_p until the marker (`answer`, found in the decoded text with a
+    tokenizer, else the ids answer_ids; forced when think_budget runs out; a stop token,
+    stop_ids or the tokenizer's EOS, is replaced by it), then a SID sampled under the trie,
+    then the end token (`answer_end`'s first token: the constraint's EOS). Log-probs: the
+    policy's at temperature 1, full vocabulary for the text and the marker, `score` for the
+    SID and the end token."""
+    from gream_fast.generate.reasoning import reason_rows
+
+    if think_budget < 0:
+        raise InvalidInputError(f"think_budget: expected >= 0, got {think_budget}")
+    if answer_ids is None:
+        if tokenizer is None:
+            raise InvalidInputError("sample(mode='reasoning'): pass a tokenizer or answer_ids")
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not len(answer_ids):
+        raise InvalidInputError("answer_ids: expected the marker's token ids, got none")
+    end = tokenizer(answer_end, add_special_tokens=False)["input_ids"][0] \
+        if tokenizer is not None else None
+    if isinstance(index, SIDConstraint):
+        constraint = index
+        if end is not None and constraint.eos_token_id != end:
+            raise InvalidInputError(f"the constraint ends SIDs with {constraint.eos_token_id}, "
+                                    f"reasoning mode needs {answer_end!r} ({end})")
+    else:
+        constraint = SIDConstraint(index, tokenizer, eos_token_id=end, device=runner.device)
+    if stop_ids is None:
+        stop_ids = getattr(tokenizer, "eos_token_id", None)
+    prompts = encode_prompts(tokenizer, prompts)
+    res = reason_rows(runner, prompts, answer_ids, think_budget, temperature, top_p, stop_ids,
+                      seed, tokenizer, answer if tokenizer is not None else None, n, constraint,
+                      score)
+    dev, rows = runner.device, len(res.tokens)
+    width = max(len(t) for t in res.tokens)
+    pad = constraint.eos_token_id if pad_id is None else pad_id
+    tokens = torch.full((rows, width), pad, dtype=torch.int64)
+    logprobs = torch.zeros(rows, width)
+    mask = torch.zeros(rows, width, dtype=torch.bool)
+    for r, (t, lp) in enumerate(zip(res.tokens, res.logprobs)):
+        tokens[r, :len(t)], logprobs[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), \
+            torch.tensor(lp), True
+    items = torch.tensor(res.items)
+    if bool((items < 0).any()):
+        raise RuntimeError("a sampled response names no item (cannot happen)")
+    return Rollouts(tokens.to(dev), logprobs.to(dev), mask.to(dev), items.to(dev),
+                    torch.arange(len(prompts), device=dev).repeat_interleave(n),
+                    torch.tensor(res.sid_start, device=dev), torch.tensor(res.forced, device=dev))

@@ -1,4 +1,6 @@
-"""Cross-entropy over a large vocabulary without [tokens, vocab] logits for the whole batch.
+"""Cross-entropy and per-token log-probs over a large vocabulary without [tokens, vocab]
+logits for the whole batch. `token_logprobs` (SRPO's policy log-probs) is at the end; it shares
+the chunking and precision helpers below.
 
 `chunked_cross_entropy(hidden, lm_head_weight, labels)` equals
 `F.cross_entropy(hidden @ lm_head_weight.T, labels, ignore_index=-100)` (value and gradients),
@@ -38,6 +40,25 @@ def default_chunk(vocab: int) -> int:
     return max(16, CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when it is on (as the LM head would run), else hidden's."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _chunk_logits(h, w, dtype) -> torch.Tensor:
+    """[C, V] float32 logits of one chunk, the product in the matmul dtype."""
+    return (h.to(dtype) @ w.T).float()
+
+
+def _add_weight_grad(grad_w, g, h, dtype) -> None:
+    """grad_w (float32) += g.T @ h, g and h in the matmul dtype."""
+    if dtype == torch.float32:
+        grad_w.addmm_(g.T, h)
+    else:  # fp32 += bf16 in place: no float32 copy of the product
+        grad_w += g.T @ h
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk, scale, dtype):
@@ -52,7 +73,7 @@ class _ChunkedCE(torch.autograd.Function):
             for start in range(0, rows.numel(), chunk):
                 idx = rows[start:start + chunk]
                 h, y = hidden.index_select(0, idx).to(dtype), labels.index_select(0, idx)
-                logits = (h @ w.T).float()  # [C, V]
+                logits = _chunk_logits(h, w, dtype)  # [C, V]
                 lse = torch.logsumexp(logits, dim=1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
                 if not (need_h or need_w):
@@ -63,10 +84,8 @@ class _ChunkedCE(torch.autograd.Function):
                 g = g.mul_(scale).to(dtype)
                 if need_h:
                     grad_h.index_copy_(0, idx, (g @ w).to(grad_h.dtype))
-                if need_w and dtype == torch.float32:
-                    grad_w.addmm_(g.T, h)
-                elif need_w:  # fp32 += bf16 in place: no float32 copy of the product
-                    grad_w += g.T @ h
+                if need_w:
+                    _add_weight_grad(grad_w, g, h, dtype)
         ctx.save_for_backward(grad_h if need_h else None,
                               grad_w.to(weight.dtype) if need_w else None)
         return total * scale
@@ -118,7 +137,85 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
         scale = 1.0 / count if count else 0.0
     else:
         scale = 1.0
-    # the matmuls run in autocast's dtype when it is on (as the LM head would), else in hidden's
-    kind = hidden.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    return _ChunkedCE.apply(hidden, lm_head_weight, labels, chunk, scale, dtype), count
+    return _ChunkedCE.apply(hidden, lm_head_weight, labels, chunk, scale,
+                            matmul_dtype(hidden)), count
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T).gather(target), chunk by chunk, forward and backward.
+
+    The backward recomputes each chunk's logits. Unlike cross-entropy, these log-probs are not
+    the end of the graph: the loss's gradient g [M] wrt them (the SRPO ratio, clip and KL) is
+    known only once the whole vector exists, and the weight gradient sum_i g_i (onehot_i -
+    p_i)^T h_i needs every row's softmax p_i (all V of it) scaled by g_i. Computing it in the
+    forward pass would mean keeping P [M, V]; the forward keeps only each row's log-sum-exp
+    ([M] float32), so the backward's softmax is one exp per chunk. Cost: 4 matmuls per chunk
+    (forward logits; backward logits, grad wrt hidden, grad wrt weight) instead of 3, for C x V
+    float32 logits at a time instead of M x V (plus [M, V] of their gradient) for autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk, dtype):
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        out = torch.empty(len(target), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, len(target), chunk):
+                logits = _chunk_logits(hidden[s:s + chunk], w, dtype)  # [C, V]
+                lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
+                out[s:s + chunk] = logits.gather(1, target[s:s + chunk, None]).squeeze(1) \
+                    - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, target, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, target, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        grad_out = grad_out.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, len(target), chunk):
+                h = hidden[s:s + chunk].to(dtype)
+                g_out = grad_out[s:s + chunk]
+                # d(sum g * logp)/dlogits = g * (onehot - softmax), built in place
+                g = _chunk_logits(h, w, dtype).sub_(lse[s:s + chunk, None]).exp_()
+                g.mul_(-g_out[:, None])
+                g[torch.arange(len(h), device=g.device), target[s:s + chunk]] += g_out
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (g @ w).to(grad_h.dtype)
+                if need_w:
+                    _add_weight_grad(grad_w, g, h, dtype)
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                   chunk: int | None = None) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T, -1).gather(1, target[:, None]).squeeze(1), [M] float32,
+    differentiable wrt hidden and weight, holding one chunk's [C, V] float32 logits at a time
+    (see _TokenLogprobs for why its backward recomputes them). hidden [M, H]; weight [V, H] (the
+    LM head, no bias); target [M] token ids; chunk: rows per chunk (default C x V = 2^26).
+    Precision as chunked_cross_entropy: matmuls in autocast's dtype or hidden's, log-softmax in
+    float32, the weight gradient accumulated in float32."""
+    if hidden.ndim != 2 or target.ndim != 1 or len(target) != len(hidden):
+        raise InvalidInputError(f"token_logprobs: hidden {list(hidden.shape)} and target "
+                                f"{list(target.shape)}: expected [M, H] and [M]")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[1]:
+        raise InvalidInputError(f"token_logprobs: weight {list(weight.shape)}: expected "
+                                f"[vocab, {hidden.shape[1]}]")
+    target = target.to(device=hidden.device, dtype=torch.long)
+    vocab = weight.shape[0]
+    if len(target) and bool(((target < 0) | (target >= vocab)).any()):
+        bad = target[(target < 0) | (target >= vocab)][0]
+        raise InvalidInputError(f"token_logprobs: target {int(bad)} outside the vocabulary "
+                                f"0..{vocab - 1}")
+    chunk = chunk or default_chunk(vocab)
+    if chunk < 1:
+        raise InvalidInputError(f"chunk: expected >= 1, got {chunk}")
+    return _TokenLogprobs.apply(hidden, weight, target, chunk, matmul_dtype(hidden))

@@ -7,7 +7,11 @@ per pass over them) and consumed `prompts_per_step` at a time; the data position
 s x prompts_per_step, so a resumed run needs only the step. Each prompt is the user's history
 formatted as the seqrec chat prompt that SFT and evaluation use (gream_fast.eval.SeqRecPrompts),
 and rollouts are constrained to the SID trie ending with the chat template's end-of-turn token
-(build_constraint). One step is train.srpo.srpo_step; its rollout seeds derive from (seed, step).
+(build_constraint). With --mode reasoning the prompt is the CoT rows' (tasks.reason), a response
+thinks in free text (at most --think-budget tokens, then `<answer>` is forced), then names a SID
+under the trie closed by `</answer>`'s first token; its reward is 0 without a `<think>` ...
+`</think>` block and a SID answer (train.rewards.gated_sid_reward), and validation runs in
+reasoning mode too. One step is train.srpo.srpo_step; its rollout seeds derive from (seed, step).
 
 The policy starts from `--model` (an SFT run folder: its final/, else its newest checkpoint; or
 any HF model folder whose tokenizer has the SID tokens); the frozen reference model is a copy of
@@ -51,6 +55,7 @@ class SRPOConfig:
     index: str = ""
     out: str = ""
     mode: str = "direct"
+    think_budget: int = 512
     score: str = "full"
     steps: int = 150
     prompts_per_step: int = 256
@@ -80,7 +85,10 @@ HELP = {
     "data": "the `data prepare` folder (training instances: the CoT samples' targets)",
     "index": "the index folder or file (the SIDs the rollouts are constrained to)",
     "out": "run folder: srpo_config.json, metrics.jsonl, checkpoint-STEP/, final/",
-    "mode": "direct (responses are SIDs); reasoning is not implemented yet",
+    "mode": "direct: a response is a SID; reasoning: the CoT prompt, a response thinks in free "
+            "text until <answer>, then names a SID and </answer> (reward 0 without a "
+            "<think>...</think> block and a SID answer)",
+    "think_budget": "reasoning mode: free-text tokens per response before <answer> is forced",
     "score": "log-prob normalisation of the policy loss: full vocabulary (exact), or sid: over "
              "the SID level's LM-head rows only (kernels.sid_logprob; far less memory)",
     "steps": "optimizer steps",
@@ -114,9 +122,6 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     """Validate `cfg` before anything is loaded."""
     if cfg.mode not in MODES:
         raise InvalidInputError(f"--mode: expected one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.mode == "reasoning":
-        raise InvalidInputError("--mode reasoning: not implemented yet (SRPO trains direct mode "
-                                "only for now)")
     for name in ("model", "data", "index", "out"):
         if not getattr(cfg, name):
             raise InvalidInputError(f"--{name}: required")
@@ -127,7 +132,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     if not Path(cfg.index).exists():
         raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
     for name, low in [("steps", 1), ("prompts_per_step", 1), ("n", 1), ("max_draws", 1),
-                      ("max_history", 1), ("eval_users", 0)]:
+                      ("max_history", 1), ("eval_users", 0), ("think_budget", 0)]:
         if getattr(cfg, name) < low:
             raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= {low}, "
                                     f"got {getattr(cfg, name)}")
@@ -204,6 +209,15 @@ class Instances:
         return [int(self.order(q // e)[q % e]) for q in range(start, start + size)]
 
 
+def think_format(tokenizer, prompts):
+    """Reasoning mode's markers (train.rewards.ThinkFormat); a turn ends at the tokenizer's EOS
+    or the chat template's end of turn (then the marker replaces it)."""
+    from gream_fast.train.rewards import ThinkFormat
+
+    stop = {t for t in (tokenizer.eos_token_id, prompts.encoder.eot_id) if t is not None}
+    return ThinkFormat.from_tokenizer(tokenizer, stop=sorted(stop))
+
+
 def step_seed(seed: int, step: int) -> int:
     return int(np.random.default_rng([seed, step, 7]).integers(2 ** 31))
 
@@ -218,9 +232,10 @@ def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig) -> dict:
     policy.eval()
     try:
         with torch.no_grad():
-            m = evaluate(policy, tokenizer, dataset, constraint, split="valid", ks=ks,
-                         num_beams=beams, max_users=cfg.eval_users, max_history=cfg.max_history,
-                         progress=False)
+            m = evaluate(policy, tokenizer, dataset, constraint, mode=cfg.mode, split="valid",
+                         ks=ks, num_beams=beams, max_users=cfg.eval_users,
+                         max_history=cfg.max_history, progress=False,
+                         think_budget=cfg.think_budget, seed=cfg.seed)
     finally:
         policy.train(was)
     return {f"valid_{k}": v for k, v in m.items()}
@@ -303,8 +318,9 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     ref.eval().requires_grad_(False)
     policy.train()
 
-    prompts = SeqRecPrompts(tokenizer, index, mode="direct")
+    prompts = SeqRecPrompts(tokenizer, index, mode=cfg.mode)
     constraint = build_constraint(tokenizer, index, prompts, device)
+    fmt = think_format(tokenizer, prompts) if cfg.mode == "reasoning" else None
     optimizer = make_optimizer(policy, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, min_ratio=1.0))
@@ -321,7 +337,8 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
 
     step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=cfg.prompts_per_step,
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
-                              loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score)
+                              loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
+                              mode=cfg.mode, think_budget=cfg.think_budget)
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
     best = BestPolicy(run_dir, cfg.best_metric) if evaluating else None
@@ -349,7 +366,8 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
                                                      cfg.prompts_per_step))
             lr = optimizer.param_groups[0]["lr"]
             stats = srpo_step(policy, ref, optimizer, batch, targets, constraint, step_cfg,
-                              seed=step_seed(cfg.seed, step), more=more)
+                              seed=step_seed(cfg.seed, step), more=more, tokenizer=tokenizer,
+                              fmt=fmt)
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - t0
