@@ -20,4 +20,8 @@ python -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 3
 files=$(grep -l "mark.gpu" tests/test_*.py)
 python -m pytest -m gpu -q -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest-gpu.txt"
 
+# bench_srpo (in quick.py) is the full Qwen3-0.6B, 64 x 10 case with 2 timed steps; its TRL
+# baseline runs only where trl==1.16.0 is importable (nothing is downloaded here), else ours alone.
+python -c "import trl; print('trl', trl.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt" \
+  || echo "trl not installed: bench_srpo runs without its TRL baseline" | tee -a "$OUT/gpu.txt"
 python benchmarks/quick.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
