@@ -37,6 +37,29 @@ def test_step_updates_the_policy_and_reports():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_bf16_autocast_step_agrees_with_float32():
+    """bf16=True runs the log-prob passes under bfloat16 autocast (CPU autocast here): the
+    rollouts and rewards are the float32 step's, the weights stay float32, and the update
+    (plain SGD, so it is the gradient) points the same way."""
+    prompts, targets = [[3, 4, 5], [6, 7], [8, 9, 10, 11]], [1, 5, 14]
+    updates, stats = [], []
+    for bf16 in (False, True):
+        model, con = setup()
+        ref = copy.deepcopy(model).eval()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        stats.append(srpo_step(model, ref, opt, prompts, targets, con,
+                               SRPOStepConfig(n=6, bf16=bf16), seed=0))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        updates.append(torch.cat([(p.detach() - b).flatten()
+                                  for p, b in zip(model.parameters(), before)]))
+    assert stats[0]["updated"] and stats[1]["updated"]
+    assert stats[0]["reward_mean"] == stats[1]["reward_mean"]
+    assert stats[0]["kept_groups"] == stats[1]["kept_groups"]
+    cos = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0)
+    assert updates[1].abs().sum() > 0 and cos > 0.95
+
+
 def test_dynamic_sampling_drops_zero_variance_groups():
     model, con = setup(seed=1)
     prompts = [[3, 4], [5, 6]]

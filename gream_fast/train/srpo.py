@@ -41,6 +41,7 @@ class SRPOStepConfig:
     score: str = "full"  # log-prob normalisation: "full" vocabulary or the "sid" level
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
+    bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
     loss: SRPOLossConfig = SRPOLossConfig()
 
 
@@ -166,13 +167,17 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     batch = pack_groups(g_prompts, g_resp)
     groups = torch.arange(len(g_prompts)).repeat_interleave(cfg.n)
     adv = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)[batch.response.to(dev)]
-    with torch.no_grad():
+    # log-softmax, the loss and the ratios stay float32 under autocast (the log-prob paths
+    # upcast the logits); only the decoder's and the head's matmuls run in bfloat16
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    with torch.no_grad(), autocast:
         old = response_logprobs(policy, batch, constraint, cfg.score, starts)
         ref = (response_logprobs(ref_model, batch, constraint, cfg.score, starts)
                if ref_model is not None else None)
     t2 = time.perf_counter()
     policy.train(was_training)
-    logp = response_logprobs(policy, batch, constraint, cfg.score, starts)
+    with autocast:
+        logp = response_logprobs(policy, batch, constraint, cfg.score, starts)
     mask = torch.ones_like(logp, dtype=torch.bool)
     loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss)
     optimizer.zero_grad(set_to_none=True)

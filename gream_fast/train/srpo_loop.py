@@ -77,6 +77,7 @@ class SRPOConfig:
     eval_every: int = 0
     eval_users: int = 200
     best_metric: str = "recall@10"
+    bf16: bool = True
 
 
 HELP = {
@@ -112,6 +113,8 @@ HELP = {
     "eval_every": "Recall/NDCG on validation users every N steps, at step 0 and at the end (0: "
                   "never)",
     "eval_users": "validation users evaluated (the first ones; 0: all)",
+    "bf16": "bfloat16 autocast of the log-prob passes on CUDA (float32 master weights); CPU "
+            "always runs float32",
     "best_metric": "with --eval-every: best/ keeps the policy with the highest validation value "
                    "of this metric (recall@K or ndcg@K; ties: ndcg@10, then the earlier step)",
 }
@@ -338,7 +341,8 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=cfg.prompts_per_step,
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
-                              mode=cfg.mode, think_budget=cfg.think_budget)
+                              mode=cfg.mode, think_budget=cfg.think_budget,
+                              bf16=cfg.bf16 and device.type == "cuda")
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
     best = BestPolicy(run_dir, cfg.best_metric) if evaluating else None
