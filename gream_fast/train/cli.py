@@ -1,6 +1,7 @@
 """`gream-fast train sft` and `gream-fast train srpo`. Torch and transformers are imported when a
 command runs, not when the parser is built."""
 import json
+import os
 
 
 def add_cli(subparsers) -> None:
@@ -17,7 +18,8 @@ def add_cli(subparsers) -> None:
         from gream_fast.train.sft import train
 
         summary = train(from_args(SFTConfig, args))
-        print(json.dumps(summary, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports
+            print(json.dumps(summary, indent=2))
 
     p.set_defaults(run=sft_main)
 

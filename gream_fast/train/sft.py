@@ -350,13 +350,16 @@ def _checkpoints(run_dir: Path) -> list:
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state: dict,
-                    keep: int, fmt: str = STATE_FORMAT) -> Path:
+                    keep: int, fmt: str = STATE_FORMAT, model_state: dict | None = None,
+                    opt_state: dict | None = None) -> Path:
     """RUN_DIR/checkpoint-STEP, written whole to a temp folder and renamed; prunes old ones.
-    fmt names the loop that wrote it (the SFT and SRPO loops share this layout)."""
+    fmt names the loop that wrote it (the SFT and SRPO loops share this layout). model_state /
+    opt_state: full state dicts gathered from sharded training (train.distributed), written in
+    place of the model's and the optimizer's own."""
     from safetensors.torch import save_file
 
     path = run_dir / f"checkpoint-{state['step']}"
-    opt = optimizer.state_dict()
+    opt = optimizer.state_dict() if opt_state is None else opt_state
     tensors, scalars = {}, {}
     for pid, st in opt["state"].items():
         for k, v in st.items():
@@ -372,8 +375,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state
                      "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
                      "scheduler": sched}
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, tmp, model_state)
         meta = {"format": fmt, "version": str(STATE_VERSION)}
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
         save_file(rng, str(tmp / "rng.safetensors"), metadata=meta)
@@ -382,6 +384,13 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state
         for _, old in _checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_model(model, tokenizer, folder, state: dict | None = None) -> None:
+    """A Hugging Face folder (safetensors); `state` replaces the model's own (sharded) tensors."""
+    model.save_pretrained(folder, safe_serialization=True,
+                          **({} if state is None else {"state_dict": state}))
+    tokenizer.save_pretrained(folder)
 
 
 def load_trainer_state(path: Path, fmt: str = STATE_FORMAT) -> dict:
@@ -396,7 +405,9 @@ def load_trainer_state(path: Path, fmt: str = STATE_FORMAT) -> dict:
     return state
 
 
-def restore_optimizer(path: Path, state: dict, optimizer, scheduler) -> None:
+def restore_optimizer(path: Path, state: dict, optimizer, scheduler, load=None) -> None:
+    """load: how to load the rebuilt optimizer state dict (default optimizer.load_state_dict;
+    sharded training passes train.distributed.load_optimizer_state)."""
     from safetensors.torch import load_file
 
     f = path / "optimizer.safetensors"
@@ -414,7 +425,7 @@ def restore_optimizer(path: Path, state: dict, optimizer, scheduler) -> None:
     groups = state["optimizer"]["param_groups"]
     for g in groups:
         g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    (load or optimizer.load_state_dict)({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(groups)})
 
 
@@ -441,13 +452,39 @@ def _check_resume_config(saved: dict, cfg, path: Path, resumable=RESUMABLE) -> N
 # -- the loop ---------------------------------------------------------------------------------
 def train(cfg: SFTConfig, progress: bool = True) -> dict:
     """Run (or resume) SFT as configured; returns a summary (steps, final path, last loss,
-    tokens/s, seconds)."""
-    from tqdm.auto import tqdm
+    tokens/s, seconds).
 
-    from gream_fast.index.embed import resolve_device
+    Under `torchrun --nproc-per-node G` (train.distributed): the model is sharded with FSDP2,
+    each optimizer step's packed rows (batch_size x grad_accum, as in one process) are split
+    across the ranks, and the loss is normalised by the step's global label-token count, so the
+    update is the single-process one up to float summation order. Rank 0 alone writes the
+    metrics, checkpoints and final/ (same single-file format)."""
+    from gream_fast.train import distributed
 
     cfg = check_config(cfg)
-    device = resolve_device(cfg.device)
+    world, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, progress and world.is_main, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _micro_batch(packed: dict, rows, keys, device) -> dict:
+    """The packed rows `rows` (a slice or index tensor) on `device`; rows None: one row with no
+    labels, for a rank with no rows left in a step (its forward and backward still run, as FSDP's
+    collectives need, and add zero to the gradients)."""
+    batch = {k: packed[k][rows if rows is not None else slice(0, 1)].to(device, non_blocking=True)
+             for k in keys}
+    if rows is None:
+        batch["shift_labels"] = torch.full_like(batch["shift_labels"], IGNORE_INDEX)
+    return batch
+
+
+def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
+    from tqdm.auto import tqdm
+
+    from gream_fast.train import distributed
+
     run_dir = Path(cfg.out)
     found = _checkpoints(run_dir) if run_dir.is_dir() else []
     if found and not cfg.resume:
@@ -469,6 +506,7 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_fn = distributed.shard_model(model, world, packed_loss)  # packed_loss bound to model
 
     packed, data_stats = encode_and_pack(rows, tokenizer, cfg.seq_len, progress,
                                          cfg.history_loss)
@@ -484,14 +522,17 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
             raise InvalidInputError(f"--resume: --data {cfg.data} now gives {data_stats}, the run "
                                     f"in {resume_from} was trained on {state['data']}: the data "
                                     "changed")
-        restore_optimizer(resume_from, state, optimizer, scheduler)
+        restore_optimizer(resume_from, state, optimizer, scheduler,
+                          load=lambda sd: distributed.load_optimizer_state(model, optimizer, sd,
+                                                                           world))
         restore_rng(resume_from)
         step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "sft_config.json", {**asdict(cfg), "total_steps": total_steps,
-                                             "data_stats": data_stats})
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "sft_config.json", {**asdict(cfg), "total_steps": total_steps,
+                                                 "data_stats": data_stats})
+        _truncate_metrics(metrics_path, step)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.bf16)
@@ -503,7 +544,7 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not progress)
     started, window_t, window_tokens, window_steps = time.perf_counter(), time.perf_counter(), 0, 0
     last = {}
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if world.is_main else os.devnull, "a") as log:
         while step < stop:
             micro = range(step * cfg.grad_accum, min((step + 1) * cfg.grad_accum, total_micro))
             slices = [slice((k % per_epoch) * cfg.batch_size,
@@ -511,14 +552,17 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
             count = sum(int(lm_tokens[s].sum()) for s in slices)
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), device=device)
-            for s in slices:
-                batch = {k: packed[k][s].to(device, non_blocking=True) for k in keys}
+            # the ranks' gradients are averaged (FSDP): each normalises by count / world size
+            for rows in distributed.split_rows(slices, world, cfg.batch_size):
+                batch = _micro_batch(packed, rows, keys, device)
                 with autocast:
-                    loss, _ = packed_loss(model, batch, cfg.chunk, normalizer=count)
+                    loss, _ = loss_fn(batch, cfg.chunk, normalizer=count / world.size)
                 loss.backward()
                 loss_sum += loss.detach()
-                window_tokens += int(tokens[s].sum())
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf"))
+            window_tokens += sum(int(tokens[s].sum()) for s in slices)
+            loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
+            norm = distributed.local(torch.nn.utils.clip_grad_norm_(
+                params, cfg.clip if cfg.clip else float("inf")))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -539,17 +583,24 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
                                 tok_s=f"{last['tokens_per_s']:.0f}")
                 window_t, window_tokens, window_steps = now, 0, 0
             if step == stop or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, {
-                    "step": step, "micro_batch": step * cfg.grad_accum,
-                    "total_steps": total_steps, "config": asdict(cfg), "data": data_stats},
-                    cfg.keep_checkpoints)
+                # collectives: every rank gathers, rank 0 writes
+                full = distributed.full_model_state(model, world)
+                opt_state = distributed.full_optimizer_state(model, optimizer, world)
+                if world.is_main:
+                    save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, {
+                        "step": step, "micro_batch": step * cfg.grad_accum,
+                        "total_steps": total_steps, "config": asdict(cfg), "data": data_stats},
+                        cfg.keep_checkpoints, model_state=full, opt_state=opt_state)
+                distributed.barrier(world)
     bar.close()
     final = None
     if step == total_steps:
         final = run_dir / "final"
-        with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        full = distributed.full_model_state(model, world)
+        if world.is_main:
+            with atomic_dir(final) as tmp:
+                save_model(model, tokenizer, tmp, full)
+        distributed.barrier(world)
     return {"steps": step, "total_steps": total_steps, "final": str(final) if final else None,
             "loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
             "seconds": round(time.perf_counter() - started, 3), "data": data_stats}

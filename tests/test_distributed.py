@@ -1,0 +1,193 @@
+"""Multi-process SFT (gream_fast.train.distributed): two CPU processes with the gloo backend and
+FSDP2 against the single-process run on the same data, and checkpoints that move between the two.
+
+The two processes are forked from the test (torch, transformers and the data already imported:
+a spawn would re-import them, tens of seconds on a loaded 2-core machine); each sets torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and goes through the same setup()
+as `torchrun --nproc-per-node 2 -m gream_fast.cli train sft ...`.
+
+Tolerance: a rank's micro-batch of one row gives the gradient bit for bit that the same row
+gives in one process (with the same thread count), but the single process runs the step's two
+rows as one micro-batch (other float32 summation order in the matrix products and the loss) and
+computes the grad norm over whole tensors, not shards. Those last-bit differences pass through
+AdamW, whose update lr * m / (sqrt(v) + eps) amplifies them on the coordinates with gradients
+near eps: atol 1e-5 (1% of one step's update at lr 1e-3) on the weights after 3 steps; observed
+max 1.5e-6, mean 6e-9."""
+import json
+import os
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gream_fast.train.distributed import World, setup, split_rows
+from gream_fast.train.sft import SFTConfig, train
+
+from tiny_data import make_data_and_index
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A small SFT file and the tiny model saved as a Hugging Face folder (with its SID tokens):
+    the ranks load it instead of training a tokenizer each."""
+    from gream_fast.files import write_jsonl
+    from gream_fast.model.tiny import build_tiny
+    from gream_fast.tasks.align import AlignConfig, AlignmentBuilder
+    from gream_fast.tasks.context import TaskContext
+
+    root = tmp_path_factory.mktemp("dist")
+    data, index = make_data_and_index(root, users=20)
+    rows = AlignmentBuilder(TaskContext(data, index),
+                            AlignConfig(passes=1, tasks="seqrec,item2index")).build()
+    write_jsonl(root / "small.jsonl", rows[:8])
+    model, tokenizer = build_tiny(root / "data", index, out_dir=root / "model", seed=0)
+    # a copy with the LM head tied to the embeddings (as Qwen3-0.6B has it)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(root / "tied")
+    tokenizer.save_pretrained(root / "tied")
+    return root
+
+
+def cfg(root, out, **kw):
+    # 8 rows -> 3 packed rows; batch 2, no accumulation: the steps take rows [0, 1], [2], [0, 1],
+    # so with 2 ranks each gets one row, then rank 1 none (a no-label micro-batch)
+    base = dict(model=str(root / "model"), data=str(root / "small.jsonl"), out=str(out),
+                seq_len=256, batch_size=2, grad_accum=1, max_steps=3, warmup_steps=1,
+                save_every=2, keep_checkpoints=0, lr=1e-3, device="cpu")
+    return SFTConfig(**{**base, **kw})
+
+
+def _rank_main(rank, world_size, port, jobs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two processes on two cores; no OpenMP pool after the fork
+    from gream_fast.train import distributed
+
+    world, _ = distributed.setup("cpu")
+    assert world.owns_group and world.size == world_size and world.rank == rank
+    try:
+        for job in jobs:
+            train(job, progress=False)
+    finally:
+        distributed.teardown(world)
+
+
+def run_ranks(jobs, world_size=2, timeout=300):
+    """Run train(job) for each job in `world_size` forked processes sharing one gloo group."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_rank_main, args=(world_size, port, jobs), nprocs=world_size,
+                             join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world_size} ranks did not finish in {timeout} s")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def weights(run):
+    return load_file(run / "final" / "model.safetensors")
+
+
+def rewind(run):
+    """Drop what came after checkpoint-2, to resume the run from there (--out is part of the
+    config a resume must match, so it resumes in place)."""
+    shutil.rmtree(run / "checkpoint-3")
+    shutil.rmtree(run / "final")
+
+
+@pytest.fixture
+def one_thread():
+    """The ranks run one thread each; so does the single process compared with them (another
+    thread count splits the matrix products' sums differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_ranks_match_one(tiny_run, tmp_path, one_thread):
+    root = tiny_run
+    assert train(cfg(root, tmp_path / "one"), progress=False)["steps"] == 3
+    a = weights(tmp_path / "one")
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    ckpt1 = {n: load_file(tmp_path / "one" / "checkpoint-2" / n)
+             for n in ("model.safetensors", "optimizer.safetensors")}
+    rewind(tmp_path / "one")
+    tied = dict(model=str(root / "tied"), max_steps=1, save_every=0)
+    train(cfg(root, tmp_path / "tied1", **tied), progress=False)
+
+    # a fresh run on two ranks, the single-process run resumed on two ranks, a tied model
+    run_ranks([cfg(root, tmp_path / "two"), cfg(root, tmp_path / "one", resume=True),
+               cfg(root, tmp_path / "tied2", **tied)])
+
+    two = weights(tmp_path / "two")
+    assert max_diff(a, two) < ATOL
+    initial = load_file(root / "model" / "model.safetensors")
+    assert max_diff(a, initial) > 100 * ATOL  # the runs did train
+    # rank 0 alone wrote the metrics: the same losses and token counts
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m2] == [1, 2, 3]
+    assert [m["loss_tokens"] for m in m1] == [m["loss_tokens"] for m in m2]
+    assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
+    assert [m["grad_norm"] for m in m2] == pytest.approx([m["grad_norm"] for m in m1], rel=1e-4)
+    # the checkpoints have one layout: the same tensors under the same names
+    for name, tensors in ckpt1.items():
+        assert max_diff(tensors, load_file(tmp_path / "two" / "checkpoint-2" / name)) < ATOL
+    # the ranks resumed a single-process checkpoint ...
+    assert max_diff(a, weights(tmp_path / "one")) < ATOL
+    # ... and one process resumes theirs
+    rewind(tmp_path / "two")
+    assert train(cfg(root, tmp_path / "two", resume=True), progress=False)["steps"] == 3
+    assert max_diff(a, weights(tmp_path / "two")) < ATOL
+    # tied weights: saved once, under the embeddings' name, as one process saves them
+    t1, t2 = weights(tmp_path / "tied1"), weights(tmp_path / "tied2")
+    assert "lm_head.weight" not in t2 and max_diff(t1, t2) < ATOL
+
+
+def test_split_rows():
+    two = [World(r, 2, r) for r in range(2)]
+    got = [split_rows([slice(0, 2), slice(2, 3)], w, batch_size=2) for w in two]
+    assert [[t.tolist() for t in g] for g in got] == [[[0, 1]], [[2]]]
+    got = [split_rows([slice(4, 5)], w, batch_size=2) for w in two]
+    assert got[0][0].tolist() == [4] and got[1] == [None]  # rank 1: a no-label micro-batch
+    got = [split_rows([slice(0, 4), slice(4, 8), slice(8, 10)], w, batch_size=2) for w in two]
+    assert [[t.tolist() for t in g] for g in got] == [[[0, 1], [2, 3], [4]],
+                                                      [[5, 6], [7, 8], [9]]]
+    assert split_rows([slice(0, 3)], World(), batch_size=1) == [slice(0, 3)]
+
+
+def test_setup_without_torchrun(monkeypatch):
+    from gream_fast import InvalidInputError
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    world, device = setup("cpu")
+    assert world == World() and not world.distributed and device == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InvalidInputError, match=r"\$RANK: not set"):
+        setup("cpu")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(InvalidInputError, match=r"\$RANK: expected an integer, got 'x'"):
+        setup("cpu")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(InvalidInputError, match=r"\$RANK: expected 0..1, got 2"):
+        setup("cpu")
