@@ -218,6 +218,29 @@ def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
     return out, forced
 
 
+def answer_constraint(index, tokenizer, device, answer: str, answer_end: str, answer_ids=None,
+                      end_token_id: int | None = None, caller: str = "reasoning mode"):
+    """(the marker's ids, the SID constraint closed by the end token). With a tokenizer they
+    come from the `answer` / `answer_end` strings unless given; the SID is closed by the end
+    marker's first token (all of it when it is one token). A given SIDConstraint must already
+    end SIDs with that token."""
+    if answer_ids is None:
+        if tokenizer is None:
+            raise InvalidInputError(f"{caller}: pass a tokenizer or answer_ids")
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not len(answer_ids):
+        raise InvalidInputError("answer_ids: expected the marker's token ids, got none")
+    if end_token_id is None and tokenizer is not None:
+        end_token_id = tokenizer(answer_end, add_special_tokens=False)["input_ids"][0]
+    if not isinstance(index, SIDConstraint):
+        return answer_ids, SIDConstraint(index, tokenizer, eos_token_id=end_token_id,
+                                         device=device)
+    if end_token_id is not None and index.eos_token_id != end_token_id:
+        raise InvalidInputError(f"the constraint ends SIDs with {index.eos_token_id}, reasoning "
+                                f"mode needs {answer_end!r} ({end_token_id})")
+    return answer_ids, index
+
+
 def reason_and_recommend(model, tokenizer, index, prompts, think_budget: int = 512,
                          temperature: float = 0.7, top_p: float = 0.9, num_beams: int = 10,
                          top_k: int = 10, score: str = "full", seed: int = 0,
@@ -228,21 +251,9 @@ def reason_and_recommend(model, tokenizer, index, prompts, think_budget: int = 5
     the `answer` / `answer_end` strings; without one, pass answer_ids and end_token_id."""
     runner = runner or make_runner(model)
     prompts = encode_prompts(tokenizer, prompts)
-    if answer_ids is None:
-        if tokenizer is None:
-            raise InvalidInputError("reason_and_recommend: pass a tokenizer or answer_ids")
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if end_token_id is None and tokenizer is not None:
-        # the SID is closed by the end marker's first token (all of it when it is one token)
-        end_token_id = tokenizer(answer_end, add_special_tokens=False)["input_ids"][0]
-    if isinstance(index, SIDConstraint):
-        constraint = index
-        if end_token_id is not None and constraint.eos_token_id != end_token_id:
-            raise InvalidInputError(f"the constraint ends SIDs with {constraint.eos_token_id}, "
-                                    f"reasoning mode needs {end_token_id}")
-    else:
-        constraint = SIDConstraint(index, tokenizer, eos_token_id=end_token_id,
-                                   device=runner.device)
+    answer_ids, constraint = answer_constraint(index, tokenizer, runner.device, answer,
+                                               answer_end, answer_ids, end_token_id,
+                                               "reason_and_recommend")
     eos = getattr(tokenizer, "eos_token_id", None)
     reasoning, forced = think(runner, prompts, answer_ids, think_budget, temperature, top_p,
                               eos, seed, tokenizer, answer if tokenizer is not None else None)

@@ -95,25 +95,13 @@ def _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, 
     then the end token (`answer_end`'s first token: the constraint's EOS). Log-probs: the
     policy's at temperature 1, full vocabulary for the text and the marker, `score` for the
     SID and the end token."""
-    from gream_fast.generate.reasoning import reason_rows
+    from gream_fast.generate.reasoning import answer_constraint, reason_rows
 
     if think_budget < 0:
         raise InvalidInputError(f"think_budget: expected >= 0, got {think_budget}")
-    if answer_ids is None:
-        if tokenizer is None:
-            raise InvalidInputError("sample(mode='reasoning'): pass a tokenizer or answer_ids")
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if not len(answer_ids):
-        raise InvalidInputError("answer_ids: expected the marker's token ids, got none")
-    end = tokenizer(answer_end, add_special_tokens=False)["input_ids"][0] \
-        if tokenizer is not None else None
-    if isinstance(index, SIDConstraint):
-        constraint = index
-        if end is not None and constraint.eos_token_id != end:
-            raise InvalidInputError(f"the constraint ends SIDs with {constraint.eos_token_id}, "
-                                    f"reasoning mode needs {answer_end!r} ({end})")
-    else:
-        constraint = SIDConstraint(index, tokenizer, eos_token_id=end, device=runner.device)
+    answer_ids, constraint = answer_constraint(index, tokenizer, runner.device, answer,
+                                               answer_end, answer_ids,
+                                               caller="sample(mode='reasoning')")
     if stop_ids is None:
         stop_ids = getattr(tokenizer, "eos_token_id", None)
     prompts = encode_prompts(tokenizer, prompts)
