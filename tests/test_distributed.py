@@ -1,5 +1,7 @@
-"""Multi-process SFT (gream_fast.train.distributed): two CPU processes with the gloo backend and
-FSDP2 against the single-process run on the same data, and checkpoints that move between the two.
+"""Multi-process SFT and SRPO (gream_fast.train.distributed): two CPU processes with the gloo
+backend and FSDP2 against the single-process run on the same data, and checkpoints that move
+between the two. SRPO's rollouts are random per rank, so its equality is checked where it must
+hold: the update on fixed groups; the whole loop is checked to run, write once and resume.
 
 The two processes are forked from the test (torch, transformers and the data already imported:
 a spawn would re-import them, tens of seconds on a loaded 2-core machine); each sets torchrun's
@@ -19,11 +21,12 @@ import shutil
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gream_fast.train.distributed import World, setup, split_rows
+from gream_fast.train.distributed import World, setup, share, split_rows
 from gream_fast.train.sft import SFTConfig, train
 
 from tiny_data import make_data_and_index
@@ -64,6 +67,7 @@ def cfg(root, out, **kw):
 
 
 def _rank_main(rank, world_size, port, jobs):
+    """jobs: SFT configs (train(job) runs) or callables."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on two cores; no OpenMP pool after the fork
@@ -73,7 +77,7 @@ def _rank_main(rank, world_size, port, jobs):
     assert world.owns_group and world.size == world_size and world.rank == rank
     try:
         for job in jobs:
-            train(job, progress=False)
+            job() if callable(job) else train(job, progress=False)
     finally:
         distributed.teardown(world)
 
@@ -173,6 +177,14 @@ def test_split_rows():
     assert split_rows([slice(0, 3)], World(), batch_size=1) == [slice(0, 3)]
 
 
+def test_share():
+    two = [World(r, 2, r) for r in range(2)]
+    assert [list(share(3, w)) for w in two] == [[0, 1], [2]]
+    assert [list(share(1, w)) for w in two] == [[0], []]  # rank 1: the placeholder group
+    assert [list(share(5, World(r, 3, r))) for r in range(3)] == [[0, 1], [2, 3], [4]]
+    assert share(4, World()) == range(4)
+
+
 def test_setup_without_torchrun(monkeypatch):
     from gream_fast import InvalidInputError
 
@@ -191,3 +203,119 @@ def test_setup_without_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(InvalidInputError, match=r"\$RANK: expected 0..1, got 2"):
         setup("cpu")
+
+
+# -- SRPO -------------------------------------------------------------------------------------
+# Fixed groups (prompts, responses SID + EOS, rewards) for the update test: 3 groups, then 1.
+SRPO_GROUPS = [
+    ([[3, 4, 5], [6, 7], [8, 9, 10, 11]],
+     [[[20, 24, 2], [21, 25, 2], [20, 24, 2], [23, 27, 2]],
+      [[22, 26, 2], [22, 26, 2], [21, 24, 2], [20, 25, 2]],
+      [[21, 27, 2], [23, 24, 2], [22, 25, 2], [21, 26, 2]]],
+     [1.0, 0.5, 1.0, 0.0, 0.707, 0.707, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0]),
+    ([[12, 13]], [[[20, 26, 2], [21, 24, 2], [22, 27, 2], [20, 26, 2]]], [1.0, 0.0, 0.5, 1.0]),
+]
+
+
+def srpo_updates(out):
+    """Two srpo_update calls on SRPO_GROUPS, each rank taking its contiguous share of the
+    groups (3 -> 2 + 1: unequal token counts; 1 -> 1 + 0: rank 1 runs the zero-weight
+    placeholder); writes the final weights and the statistics (rank 0 / the single process)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from gream_fast.train import distributed
+    from gream_fast.train.srpo import SRPOStepConfig, response_logprobs, srpo_update
+    from test_srpo_step import setup as tiny_policy
+
+    world, _ = distributed.setup("cpu")  # the group the ranks already joined, or a world of one
+    model, con = tiny_policy(seed=0)
+    ref = copy.deepcopy(model).eval()
+    root = distributed.shard_model(model, world, response_logprobs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # the weights move by the clipped grad
+    stats = []
+    for prompts, responses, rewards in SRPO_GROUPS:
+        mine = distributed.share(len(prompts), world)
+        n = len(responses[0])
+        stats.append(srpo_update(
+            model, ref, opt, prompts[mine.start:mine.stop], responses[mine.start:mine.stop],
+            torch.tensor(rewards[mine.start * n:mine.stop * n]),
+            torch.zeros(len(mine) * n, dtype=torch.int64), con, SRPOStepConfig(n=n, clip_grad=1.0),
+            root, world))
+    state = distributed.full_model_state(model, world)
+    if world.is_main:
+        state = state if state is not None else model.state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+        (out / "stats.json").write_text(json.dumps(stats))
+
+
+def test_srpo_update_two_ranks_match_one(tmp_path, one_thread):
+    """The update on fixed groups split over two ranks is the single-process update on all of
+    them: the loss normaliser makes the averaged gradient the global token mean, and the
+    gradient norm (clipped to 1.0) is the norm over all shards.
+
+    Tolerance: the ranks' packed forwards run other batch shapes than the single process's (2 or
+    1 groups vs 3: other float32 summation orders in the matrix products), and the gradients are
+    summed across ranks in another order; plain SGD (lr 0.5) moves the weights by the clipped
+    gradient, so their difference is lr x those last-bit differences of a gradient of norm <= 1:
+    atol 1e-6 on the weights (observed max 6e-8; the two updates move them by up to 0.12)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    srpo_updates(tmp_path / "one")
+    run_ranks([lambda: srpo_updates(tmp_path / "two")], timeout=120)
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    initial = __import__("test_srpo_step").setup(seed=0)[0].state_dict()
+    assert max_diff(one, {k: initial[k] for k in one}) > 1e-3  # the updates moved the weights
+    assert max_diff(one, two) < 1e-6
+    s1, s2 = (json.loads((tmp_path / d / "stats.json").read_text()) for d in ("one", "two"))
+    for a, b in zip(s1, s2):
+        assert a["updated"] and b["updated"] and a["tokens"] == b["tokens"]
+        for k in ("loss", "grad_norm", "reward_mean", "exact_rate", "entropy_proxy", "kl",
+                  "clip_fraction", "response_len"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    assert s1[0]["grad_norm"] > 1.0  # the clip was active: the global norm decided it
+
+
+def test_srpo_train_two_ranks(tmp_path):
+    """`train srpo` on two ranks: rollouts on the gathered weights, per-rank prompts, rank 0
+    alone writes metrics / checkpoints / best / final, and one process resumes its checkpoint."""
+    from gream_fast.files import read_jsonl
+    from gream_fast.model.tiny import build_tiny
+    from gream_fast.train.srpo_loop import SRPOConfig
+    from gream_fast.train.srpo_loop import train as srpo_train
+    from test_srpo_loop import SHAPE
+
+    data, index = make_data_and_index(tmp_path, users=30)
+    build_tiny(tmp_path / "data", index, out_dir=tmp_path / "sft" / "final", seed=0,
+               vocab_size=300, shape=SHAPE)
+    run = tmp_path / "run"
+    cfg = dict(model=str(tmp_path / "sft"), data=str(tmp_path / "data"),
+               index=str(tmp_path / "index"), out=str(run), n=4, prompts_per_step=3,
+               max_draws=2, lr=1e-3, warmup_steps=1, steps=2, save_every=1, eval_every=2,
+               eval_users=3, device="cpu")
+    run_ranks([lambda: srpo_train(SRPOConfig(**cfg), progress=False)], timeout=180)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # one writer
+    for m in metrics[1:]:
+        assert 1 <= m["draws"] <= 2 and 0 <= m["kept_groups"] <= 3
+        if m["updated"]:
+            assert 0 <= m["reward_mean"] <= 1 and np.isfinite(m["loss"]) and m["grad_norm"] >= 0
+    assert "valid_recall@10" in metrics[0] and "valid_recall@10" in metrics[2]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl", "srpo_config.json"]
+    record = json.loads((run / "best" / "best.json").read_text())
+    assert record["step"] == metrics[2]["best_step"]
+    start = load_file(tmp_path / "sft" / "final" / "model.safetensors")
+    final = weights(run)
+    assert final.keys() == start.keys()  # the single-process layout
+    best = load_file(run / "best" / "model.safetensors")
+    assert max_diff(best, start if record["step"] == 0 else final) == 0
+    if any(m["updated"] for m in metrics[1:]):
+        assert max_diff(final, start) > 0
+    # one process resumes the two ranks' checkpoint-1 (model and sharded optimizer state)
+    shutil.rmtree(run / "checkpoint-2")
+    shutil.rmtree(run / "final")
+    summary = srpo_train(SRPOConfig(**{**cfg, "resume": True}), progress=False)
+    assert summary["steps"] == 2 and (run / "final" / "model.safetensors").is_file()
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]

@@ -9,8 +9,12 @@ Checkpoints stay single-file: `full_model_state` / `full_optimizer_state` gather
 state on rank 0 (on CPU) in the layout a single process writes (optimizer state keyed by the
 parameter's index in the param groups), and `load_optimizer_state` shards such a state back, so a
 checkpoint written by G processes resumes in one and the other way round.
+
+Code that reads the weights outside a forward pass (the decoder runner: SRPO rollouts,
+evaluation) runs inside `gathered`, which unshards every FSDP module for the block.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -136,16 +140,42 @@ def shard_model(model, world: World, fn):
     return root
 
 
+@contextmanager
+def gathered(root, world: World):
+    """Whole weights inside the block: every FSDP module under `root` (what shard_model
+    returned) is unsharded on entry and resharded on exit, so code that reads the weights
+    outside a forward (the decoder runner: rollouts, evaluation) sees plain tensors. Collective:
+    every rank enters it. No CUDA graphs inside: the unsharded storage is freed on exit. A
+    no-op in a world of one."""
+    if not world.distributed:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+
+
 # -- collectives ------------------------------------------------------------------------------
-def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
-    """The sum over ranks (a new tensor); `value` itself in a world of one."""
+def all_reduce_sum(value: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
+    """The sum (op="max": the maximum) over ranks (a new tensor on value's device); `value`
+    itself in a world of one. CPU values (statistics) travel through the rank's GPU under
+    NCCL, which reduces CUDA tensors only."""
     if not world.distributed:
         return value
     import torch.distributed as dist
 
-    out = value.detach().clone()
-    dist.all_reduce(out)
-    return out
+    dev = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else value.device
+    out = value.detach().to(dev, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return out.to(value.device)
 
 
 def local(x):
@@ -168,6 +198,14 @@ def split_rows(slices: list, world: World, batch_size: int) -> list:
     out = [torch.tensor(mine[j * batch_size:(j + 1) * batch_size], dtype=torch.int64)
            for j in range(n)]
     return [t if len(t) else None for t in out]
+
+
+def share(n: int, world: World) -> range:
+    """This rank's contiguous share of n items (shares differ by at most one, in rank order);
+    range(n) in a world of one."""
+    per, extra = divmod(n, world.size)
+    start = world.rank * per + min(world.rank, extra)
+    return range(start, start + per + (world.rank < extra))
 
 
 # -- full state dicts -------------------------------------------------------------------------

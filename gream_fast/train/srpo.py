@@ -24,6 +24,8 @@ from gream_fast.errors import InvalidInputError
 from gream_fast.generate import sample
 from gream_fast.index.trie import PrefixTrie
 from gream_fast.kernels import group_advantage, sid_logprob
+from gream_fast.train import distributed
+from gream_fast.train.distributed import World
 from gream_fast.train.group_pack import pack_groups, response_hidden
 from gream_fast.train.loss import token_logprobs
 from gream_fast.train.rewards import ThinkFormat, gated_sid_reward, sid_reward
@@ -147,46 +149,97 @@ def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed:
 
 def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
               cfg: SRPOStepConfig = SRPOStepConfig(), seed: int = 0, more=None,
-              tokenizer=None, fmt: ThinkFormat | None = None) -> dict:
+              tokenizer=None, fmt: ThinkFormat | None = None, logprob_fn=None,
+              world: World = World()) -> dict:
     """One step on `prompts` (token-id lists) whose next items are `targets`; more(draw) gives
     further batches for dynamic sampling; tokenizer and fmt: reasoning mode's (see
     draw_groups). Returns the step's statistics (floats); a step whose every group has zero
-    variance updates nothing."""
+    variance updates nothing.
+
+    Sharded (train.distributed): `logprob_fn` is shard_model(policy, world,
+    response_logprobs), each rank passes its share of the step's prompts and keeps its groups
+    (a group never spans ranks); the rollouts run on whole weights (distributed.gathered)."""
     if len(prompts) != len(targets) or not prompts:
         raise InvalidInputError(f"srpo_step: {len(prompts)} prompts and {len(targets)} targets")
     t0 = time.perf_counter()
     was_training = policy.training
     policy.eval()
-    g_prompts, g_resp, rewards, matches, draws, starts = draw_groups(
-        policy, prompts, targets, constraint, cfg, seed, more, tokenizer, fmt)
+    with distributed.gathered(logprob_fn, world):
+        g_prompts, g_resp, rewards, _, draws, starts = draw_groups(
+            policy, prompts, targets, constraint, cfg, seed, more, tokenizer, fmt)
+    policy.train(was_training)
     t1 = time.perf_counter()
-    stats = {"draws": draws, "kept_groups": len(g_prompts)}
-    if not g_prompts:
+    counts = torch.tensor([len(g_prompts), draws], dtype=torch.float64)
+    kept, draws = distributed.all_reduce_sum(counts[:1], world), \
+        distributed.all_reduce_sum(counts[1:], world, op="max")
+    stats = {"draws": int(draws), "kept_groups": int(kept)}
+    if not int(kept):  # the skip is global: no rank runs the FSDP passes
         return {**stats, "updated": False, "rollout_s": t1 - t0}
+    out = srpo_update(policy, ref_model, optimizer, g_prompts, g_resp, rewards, starts,
+                      constraint, cfg, logprob_fn, world)
+    return {**stats, **out, "rollout_s": t1 - t0}
+
+
+def _placeholder_group(constraint):
+    """One group of one response, for a rank left without groups (with zero weight)."""
+    eos = constraint.eos_token_id
+    return [[eos]], [[[eos]]], torch.zeros(1), torch.zeros(1, dtype=torch.int64)
+
+
+def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, starts, constraint,
+                cfg: SRPOStepConfig = SRPOStepConfig(), logprob_fn=None,
+                world: World = World()) -> dict:
+    """The update on fixed groups: prompts (G token-id lists), responses (G lists of response
+    token lists), rewards [R] and sid_start [R] over the responses in order. Advantages are per
+    group, the loss is the mean over all response tokens of the step (in a sharded run: over
+    every rank's, via the loss normaliser), and the statistics are the step's, all ranks'
+    together. A rank with no groups runs one zero-weight group: FSDP's collectives run per
+    forward and backward."""
+    t1 = time.perf_counter()
+    logprob_fn = logprob_fn or (lambda *a: response_logprobs(policy, *a))
     dev = next(policy.parameters()).device
-    batch = pack_groups(g_prompts, g_resp)
-    groups = torch.arange(len(g_prompts)).repeat_interleave(cfg.n)
+    empty = not prompts
+    if empty:
+        prompts, responses, rewards, starts = _placeholder_group(constraint)
+    batch = pack_groups(prompts, responses)
+    sizes = torch.tensor([len(r) for r in responses])
+    groups = torch.repeat_interleave(torch.arange(len(prompts)), sizes)
     adv = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)[batch.response.to(dev)]
     # log-softmax, the loss and the ratios stay float32 under autocast (the log-prob paths
     # upcast the logits); only the decoder's and the head's matmuls run in bfloat16
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    was_training = policy.training
+    policy.eval()
     with torch.no_grad(), autocast:
-        old = response_logprobs(policy, batch, constraint, cfg.score, starts)
+        old = logprob_fn(batch, constraint, cfg.score, starts)
         ref = (response_logprobs(ref_model, batch, constraint, cfg.score, starts)
                if ref_model is not None else None)
     t2 = time.perf_counter()
     policy.train(was_training)
     with autocast:
-        logp = response_logprobs(policy, batch, constraint, cfg.score, starts)
-    mask = torch.ones_like(logp, dtype=torch.bool)
-    loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss)
+        logp = logprob_fn(batch, constraint, cfg.score, starts)
+    mask = torch.full_like(logp, not empty, dtype=torch.bool)
+    tokens = distributed.all_reduce_sum(mask.sum().double(), world)
+    normalizer = float(tokens) / world.size if world.distributed else None
+    loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad)
+    grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                                 cfg.clip_grad))
     optimizer.step()
     t3 = time.perf_counter()
-    return {**stats, "updated": True, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-            "reward_mean": float(rewards.mean()), "exact_rate": float((rewards == 1.0).float().mean()),
-            "entropy_proxy": float(-old.mean()), "response_len": len(logp) / len(rewards),
-            "tokens": batch.num_tokens, **{k: float(v) for k, v in loss_stats.items()},
-            "rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2}
+    # sums over the ranks; the token means (loss, kl, clip fraction) are already each rank's
+    # share of the global mean
+    r = rewards.double() * (not empty)
+    local = [loss.detach(), *loss_stats.values(), r.sum(), (r == 1.0).sum(),
+             len(r) * (not empty), -(old.double() * mask).sum(), batch.num_tokens * (not empty)]
+    local = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in local])
+    total = distributed.all_reduce_sum(local, world).tolist()
+    scale = 1 / world.size
+    loss_sum, *means = total[:1 + len(loss_stats)]
+    reward_sum, exact, n_resp, neg_old, packed = total[1 + len(loss_stats):]
+    return {"updated": True, "loss": loss_sum * scale, "grad_norm": float(grad_norm),
+            "reward_mean": reward_sum / n_resp, "exact_rate": exact / n_resp,
+            "entropy_proxy": neg_old / float(tokens), "response_len": float(tokens) / n_resp,
+            "tokens": int(packed), **{k: v * scale for k, v in zip(loss_stats, means)},
+            "scoring_s": t2 - t1, "update_s": t3 - t2}

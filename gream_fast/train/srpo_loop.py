@@ -24,7 +24,9 @@ A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
                        response_len, tokens, grad_norm, rollout_s / scoring_s / update_s),
                        step_time_s, tokens_per_s, elapsed_s; with --eval-every, valid_recall@K /
                        valid_ndcg@K on the first --eval-users validation users (a step-0 line
-                       holds the starting policy's)
+                       holds the starting policy's); under torchrun the statistics are all
+                       ranks' together (kept_groups and tokens summed, draws the most any rank
+                       drew, the means over all their responses and tokens)
   checkpoint-STEP/     every `save_every` steps and at the end (atomic, exact resume)
   final/               the last model + tokenizer
   best/                with --eval-every: the evaluated policy (the starting one included) with
@@ -34,8 +36,10 @@ A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
 """
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +225,10 @@ def think_format(tokenizer, prompts):
     return ThinkFormat.from_tokenizer(tokenizer, stop=sorted(stop))
 
 
-def step_seed(seed: int, step: int) -> int:
-    return int(np.random.default_rng([seed, step, 7]).integers(2 ** 31))
+def step_seed(seed: int, step: int, rank: tuple = ()) -> int:
+    """The rollout seed of a step; rank: (rank,) in a sharded run (each rank draws its own
+    rollouts), empty in one process."""
+    return int(np.random.default_rng([seed, step, 7, *rank]).integers(2 ** 31))
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -259,38 +265,88 @@ class BestPolicy:
         record = self.path / "best.json"
         self.record = json.loads(record.read_text()) if record.is_file() else None
 
-    def offer(self, step: int, metrics: dict, policy, tokenizer) -> bool:
-        from gream_fast.files import atomic_dir
+    def better(self, metrics: dict) -> bool:
+        return self.record is None or \
+            _rank_key(metrics, self.metric) > _rank_key(self.record["metrics"], self.metric)
 
-        if self.record is not None and \
-                _rank_key(metrics, self.metric) <= _rank_key(self.record["metrics"], self.metric):
-            return False
+    def save(self, step: int, metrics: dict, policy, tokenizer, state: dict | None = None):
+        """state: the full model state of a sharded policy (train.distributed)."""
+        from gream_fast.files import atomic_dir
+        from gream_fast.train.sft import save_model
+
         self.record = {"step": step, "metric": self.metric, "metrics": metrics}
         with atomic_dir(self.path) as tmp:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_model(policy, tokenizer, tmp, state)
             (tmp / "best.json").write_text(json.dumps(self.record, indent=2) + "\n")
+
+    def offer(self, step: int, metrics: dict, policy, tokenizer) -> bool:
+        if not self.better(metrics):
+            return False
+        self.save(step, metrics, policy, tokenizer)
         return True
+
+
+def _evaluate_and_offer(step, policy, root, world, tokenizer, dataset, constraint, cfg, best):
+    """(validation metrics, best/'s step) on rank 0; ({}, None) on the others. Rank 0 evaluates
+    on whole weights (distributed.gathered) while the others wait; whether best/ takes the
+    policy is rank 0's call, summed over the ranks (the others add 0) so that every rank joins
+    the gather of its state."""
+    from gream_fast.train import distributed
+
+    with distributed.gathered(root, world):
+        metrics = _evaluate(policy, tokenizer, dataset, constraint, cfg) if world.is_main else {}
+        distributed.barrier(world)
+    better = torch.tensor([float(world.is_main and best.better(metrics))])
+    if distributed.all_reduce_sum(better, world).item():
+        full = distributed.full_model_state(policy, world)
+        if world.is_main:
+            best.save(step, metrics, policy, tokenizer, full)
+        distributed.barrier(world)
+    return (metrics, best.record["step"]) if world.is_main else ({}, None)
 
 
 def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     """Run (or resume) SRPO as configured; returns a summary (steps, final path, last reward,
-    seconds)."""
+    seconds).
+
+    Under `torchrun --nproc-per-node G` (train.distributed): the policy is sharded with FSDP2
+    (the frozen reference stays whole on each rank: forward only), each rank takes a
+    contiguous share of a step's prompts and wants that many groups, with its own rollout seed
+    and dynamic-sampling draws keyed by its rank; rollouts and evaluation run on the gathered
+    weights. The loss is normalised by the step's global response-token count, so the update
+    is the single-process one on the same groups up to float summation order; a step is
+    skipped only when no rank kept a group. Rank 0 alone evaluates and writes the metrics,
+    checkpoints, best/ and final/ (the single-process format: a run resumes with another
+    number of processes)."""
+    from gream_fast.train import distributed
+
+    cfg = check_config(cfg)
+    world, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, progress and world.is_main, world, device)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
     from tqdm.auto import tqdm
 
     from gream_fast.data.dataset import Dataset
     from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
     from gream_fast.files import atomic_dir, write_json
-    from gream_fast.index.embed import resolve_device
+    from gream_fast.model.runner import supports
     from gream_fast.tasks.context import load_index
+    from gream_fast.train import distributed
     from gream_fast.train.sft import (_check_resume_config, _checkpoints, _truncate_metrics,
                                       load_trainer_state, lr_factor, make_optimizer,
-                                      restore_optimizer, restore_rng, save_checkpoint)
-    from gream_fast.train.srpo import SRPOStepConfig, srpo_step
+                                      restore_optimizer, restore_rng, save_checkpoint,
+                                      save_model)
+    from gream_fast.train.srpo import SRPOStepConfig, response_logprobs, srpo_step
     from gream_fast.train.srpo_loss import SRPOLossConfig
 
-    cfg = check_config(cfg)
-    device = resolve_device(cfg.device)
+    if cfg.prompts_per_step < world.size:
+        raise InvalidInputError(f"--prompts-per-step: {cfg.prompts_per_step} prompts cannot be "
+                                f"shared by {world.size} processes (expected >= the world size)")
     run_dir = Path(cfg.out)
     found = _checkpoints(run_dir) if run_dir.is_dir() else []
     if found and not cfg.resume:
@@ -318,8 +374,14 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
         policy, tokenizer = load_policy(resume_from, index, device)
     else:
         policy = copy.deepcopy(ref)
+    if world.distributed and not supports(policy):
+        raise InvalidInputError(f"--model {start_dir}: model_type {policy.config.model_type!r}; "
+                                "under torchrun the rollouts need the decoder runner's "
+                                "architectures (llama, qwen2, qwen3)")
     ref.eval().requires_grad_(False)
     policy.train()
+    # after the reference copy: it stays whole (forward only, no gradients)
+    root = distributed.shard_model(policy, world, response_logprobs)
 
     prompts = SeqRecPrompts(tokenizer, index, mode=cfg.mode)
     constraint = build_constraint(tokenizer, index, prompts, device)
@@ -329,16 +391,21 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, min_ratio=1.0))
     step = 0
     if state is not None:
-        restore_optimizer(resume_from, state, optimizer, scheduler)
+        restore_optimizer(resume_from, state, optimizer, scheduler,
+                          load=lambda sd: distributed.load_optimizer_state(policy, optimizer, sd,
+                                                                           world))
         restore_rng(resume_from)
         step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "srpo_config.json", {**asdict(cfg), "start_model": str(start_dir),
-                                              "data_stats": data_stats})
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "srpo_config.json", {**asdict(cfg), "start_model": str(start_dir),
+                                                  "data_stats": data_stats})
+        _truncate_metrics(metrics_path, step)
+    mine = distributed.share(cfg.prompts_per_step, world)  # this rank's prompts of a step
+    rank_key = (world.rank,) if world.distributed else ()
 
-    step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=cfg.prompts_per_step,
+    step_cfg = SRPOStepConfig(n=cfg.n, temperature=cfg.temperature, groups=len(mine),
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
@@ -348,10 +415,12 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     best = BestPolicy(run_dir, cfg.best_metric) if evaluating else None
     started, last = time.perf_counter(), {}
     bar = tqdm(total=cfg.steps, initial=step, desc="srpo", unit="step", disable=not progress)
-    with open(metrics_path, "a") as log:
+    evaluate = partial(_evaluate_and_offer, policy=policy, root=root, world=world,
+                       tokenizer=tokenizer, dataset=dataset, constraint=constraint, cfg=cfg,
+                       best=best)
+    with open(metrics_path if world.is_main else os.devnull, "a") as log:
         if evaluating and step == 0:
-            first = _evaluate(policy, tokenizer, dataset, constraint, cfg)
-            best.offer(0, first, policy, tokenizer)
+            first, _ = evaluate(0)
             log.write(json.dumps({"step": 0, **first}) + "\n")
             log.flush()
         while step < stop:
@@ -362,16 +431,17 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
                         [int(instances.examples.target[i]) for i in ids])
 
             def more(draw, step=step):  # dynamic sampling's extra batches: fresh instances,
-                rng = np.random.default_rng([cfg.seed, step, draw])  # seeded by (step, draw)
-                size = min(cfg.prompts_per_step, len(instances))
+                # seeded by (step, draw, and the rank in a sharded run)
+                rng = np.random.default_rng([cfg.seed, step, draw, *rank_key])
+                size = min(len(mine), len(instances))
                 return encoded(rng.choice(len(instances), size, replace=False).tolist())
 
-            batch, targets = encoded(instances.batch(step * cfg.prompts_per_step,
-                                                     cfg.prompts_per_step))
+            ids = instances.batch(step * cfg.prompts_per_step, cfg.prompts_per_step)
+            batch, targets = encoded(ids[mine.start:mine.stop])
             lr = optimizer.param_groups[0]["lr"]
             stats = srpo_step(policy, ref, optimizer, batch, targets, constraint, step_cfg,
-                              seed=step_seed(cfg.seed, step), more=more, tokenizer=tokenizer,
-                              fmt=fmt)
+                              seed=step_seed(cfg.seed, step, rank_key), more=more,
+                              tokenizer=tokenizer, fmt=fmt, logprob_fn=root, world=world)
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - t0
@@ -379,28 +449,35 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
                     "tokens_per_s": stats.get("tokens", 0) / seconds,
                     "elapsed_s": time.perf_counter() - started}
             if evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
-                valid = _evaluate(policy, tokenizer, dataset, constraint, cfg)
-                last.update(valid, best_step=step if best.offer(step, valid, policy, tokenizer)
-                            else best.record["step"])
+                valid, best_step = evaluate(step)
+                last.update(valid, best_step=best_step)
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.3f}",
                             kept=stats["kept_groups"], s=f"{seconds:.1f}")
             if step == stop or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(run_dir, policy, tokenizer, optimizer, scheduler, {
-                    "step": step, "prompts_seen": step * cfg.prompts_per_step,
-                    "total_steps": cfg.steps, "config": asdict(cfg), "data": data_stats},
-                    cfg.keep_checkpoints, fmt=STATE_FORMAT)
+                # collectives: every rank gathers, rank 0 writes
+                full = distributed.full_model_state(policy, world)
+                opt_state = distributed.full_optimizer_state(policy, optimizer, world)
+                if world.is_main:
+                    save_checkpoint(run_dir, policy, tokenizer, optimizer, scheduler, {
+                        "step": step, "prompts_seen": step * cfg.prompts_per_step,
+                        "total_steps": cfg.steps, "config": asdict(cfg), "data": data_stats},
+                        cfg.keep_checkpoints, fmt=STATE_FORMAT, model_state=full,
+                        opt_state=opt_state)
+                distributed.barrier(world)
     bar.close()
     final = None
     if step == cfg.steps:
         final = run_dir / "final"
-        with atomic_dir(final) as tmp:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        full = distributed.full_model_state(policy, world)
+        if world.is_main:
+            with atomic_dir(final) as tmp:
+                save_model(policy, tokenizer, tmp, full)
+        distributed.barrier(world)
     return {"steps": step, "total_steps": cfg.steps, "final": str(final) if final else None,
             "reward_mean": last.get("reward_mean"), "exact_rate": last.get("exact_rate"),
             **{k: v for k, v in last.items() if k.startswith("valid_")},
-            "best": ({"path": str(best.path), **best.record} if best is not None else None),
+            "best": ({"path": str(best.path), **best.record} if best and best.record else None),
             "seconds": round(time.perf_counter() - started, 3), "data": data_stats}

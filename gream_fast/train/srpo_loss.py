@@ -22,10 +22,13 @@ class SRPOLossConfig:
     kl_clamp: float = 10.0
 
 
-def srpo_loss(logp, logp_old, adv, mask, logp_ref=None, cfg: SRPOLossConfig = SRPOLossConfig()):
+def srpo_loss(logp, logp_old, adv, mask, logp_ref=None, cfg: SRPOLossConfig = SRPOLossConfig(),
+              normalizer: float | None = None):
     """Token-mean loss and statistics. logp, logp_old, logp_ref, mask: [R, T] (or [M] flat);
     adv: the same shape, or [R] broadcast over each row's tokens. logp_ref=None or beta = 0
-    drops the KL term."""
+    drops the KL term. normalizer: what the token sums are divided by (default: the tokens in
+    `mask`); sharded training passes the step's global token count / world size, so that the
+    ranks' averaged gradient is the mean over all the step's tokens."""
     if logp.shape != logp_old.shape or logp.shape != mask.shape:
         raise InvalidInputError(f"logp {list(logp.shape)}, logp_old {list(logp_old.shape)} and "
                                 f"mask {list(mask.shape)} must have one shape")
@@ -35,7 +38,7 @@ def srpo_loss(logp, logp_old, adv, mask, logp_ref=None, cfg: SRPOLossConfig = SR
                                     f"{list(adv.shape)}")
         adv = adv[:, None].expand_as(logp)
     m = mask.to(logp.dtype)
-    count = m.sum().clamp(min=1)
+    count = m.sum().clamp(min=1) if normalizer is None else normalizer
     c = cfg.log_ratio_clamp
     ratio = torch.exp((logp - logp_old).clamp(-c, c))
     l1 = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
