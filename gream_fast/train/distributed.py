@@ -163,7 +163,7 @@ def gathered(root, world: World):
 
 
 # -- collectives ------------------------------------------------------------------------------
-def all_reduce_sum(value: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
+def all_reduce(value: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
     """The sum (op="max": the maximum) over ranks (a new tensor on value's device); `value`
     itself in a world of one. CPU values (statistics) travel through the rank's GPU under
     NCCL, which reduces CUDA tensors only."""

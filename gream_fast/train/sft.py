@@ -560,7 +560,7 @@ def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
                 loss.backward()
                 loss_sum += loss.detach()
             window_tokens += sum(int(tokens[s].sum()) for s in slices)
-            loss_sum = distributed.all_reduce_sum(loss_sum, world) / world.size
+            loss_sum = distributed.all_reduce(loss_sum, world) / world.size
             norm = distributed.local(torch.nn.utils.clip_grad_norm_(
                 params, cfg.clip if cfg.clip else float("inf")))
             optimizer.step()

@@ -170,8 +170,8 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     policy.train(was_training)
     t1 = time.perf_counter()
     counts = torch.tensor([len(g_prompts), draws], dtype=torch.float64)
-    kept, draws = distributed.all_reduce_sum(counts[:1], world), \
-        distributed.all_reduce_sum(counts[1:], world, op="max")
+    kept, draws = distributed.all_reduce(counts[:1], world), \
+        distributed.all_reduce(counts[1:], world, op="max")
     stats = {"draws": int(draws), "kept_groups": int(kept)}
     if not int(kept):  # the skip is global: no rank runs the FSDP passes
         return {**stats, "updated": False, "rollout_s": t1 - t0}
@@ -219,7 +219,7 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     with autocast:
         logp = logprob_fn(batch, constraint, cfg.score, starts)
     mask = torch.full_like(logp, not empty, dtype=torch.bool)
-    tokens = distributed.all_reduce_sum(mask.sum().double(), world)
+    tokens = distributed.all_reduce(mask.sum().double(), world)
     normalizer = float(tokens) / world.size if world.distributed else None
     loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
     optimizer.zero_grad(set_to_none=True)
@@ -234,7 +234,7 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     local = [loss.detach(), *loss_stats.values(), r.sum(), (r == 1.0).sum(),
              len(r) * (not empty), -(old.double() * mask).sum(), batch.num_tokens * (not empty)]
     local = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in local])
-    total = distributed.all_reduce_sum(local, world).tolist()
+    total = distributed.all_reduce(local, world).tolist()
     scale = 1 / world.size
     loss_sum, *means = total[:1 + len(loss_stats)]
     reward_sum, exact, n_resp, neg_old, packed = total[1 + len(loss_stats):]

@@ -297,7 +297,7 @@ def _evaluate_and_offer(step, policy, root, world, tokenizer, dataset, constrain
         metrics = _evaluate(policy, tokenizer, dataset, constraint, cfg) if world.is_main else {}
         distributed.barrier(world)
     better = torch.tensor([float(world.is_main and best.better(metrics))])
-    if distributed.all_reduce_sum(better, world).item():
+    if distributed.all_reduce(better, world).item():
         full = distributed.full_model_state(policy, world)
         if world.is_main:
             best.save(step, metrics, policy, tokenizer, full)
