@@ -32,9 +32,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
         for mode in MODES:
             _check_metrics(stages[name][mode])
     v = report["srpo_validation"]
-    assert 0.0 <= v["before"] <= 1.0 and 0.0 <= v["after"] <= 1.0
+    assert 0.0 <= v["before"] <= v["after"] <= 1.0  # best/ never loses to the start
+    assert [s for s, _ in v["curve"]] == [0, 1] and v["best_step"] in (0, 1)
+    assert v["curve"][0][1] == v["before"] and dict(v["curve"])[v["best_step"]] == v["after"]
     md = (out / "report.md").read_text()
-    for svg in ("sft_loss.svg", "srpo_reward.svg"):
+    for svg in ("sft_loss.svg", "srpo_reward.svg", "srpo_valid.svg"):
         assert (out / svg).read_text().startswith("<svg") and svg in md
     assert "popularity" in md and "srpo" in md
 
