@@ -305,28 +305,10 @@ def worker(args):
 
 
 def spawn(impl, args):
-    """Run one implementation in a fresh process; its result dict. On CPU a fork of this process
-    after the imports (without .pyc files importing transformers and TRL takes tens of seconds
-    on a loaded 2-core machine; the fork starts from the imported modules but no model), on CUDA
-    a new interpreter (a CUDA context does not survive a fork)."""
-    if torch.device(args.device).type == "cpu" and hasattr(os, "fork"):
-        import multiprocessing as mp
-
-        _preimport(impl)
-        ctx = mp.get_context("fork")
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_forked, args=(impl, args, send))
-        proc.start()
-        send.close()
-        try:
-            out = recv.recv()
-        except EOFError:
-            out = None
-        proc.join()
-        if proc.exitcode != 0 or out is None or "error" in out:
-            raise SystemExit(f"bench_srpo: the {impl} worker failed (exit {proc.exitcode})"
-                             + ("" if not out else f": {out.get('error')}"))
-        return out
+    """Run one implementation in a fresh interpreter; its result dict. Not a fork: a process
+    that has already run torch's or numba's thread pools (a test session, for one) can leave
+    a forked child waiting forever on a lock one of those threads held; and a CUDA context does
+    not survive a fork."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--device",
            args.device, "--repeat", str(args.repeat), "--out", args.out]
     cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
@@ -341,7 +323,7 @@ def spawn(impl, args):
 
 
 def _preimport(impl):
-    """Import what a worker needs before forking it (~25 s of imports per worker saved)."""
+    """Import what a worker needs (before its timer starts)."""
     import importlib
 
     mods = ["transformers", "gream_fast.train.srpo"] + (["datasets", "trl"] if impl == "trl" else [])
@@ -355,23 +337,6 @@ def _cpu_kernels_are_torch():
     from gream_fast.kernels import _backend
 
     _backend.INTERPRET = False  # read by use_triton at every call
-
-
-def _forked(impl, args, send):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _cpu_kernels_are_torch()
-    try:
-        device = torch.device(args.device)
-        c = cases(device.type, args.quick)
-        run = run_ours if impl == "ours" else run_trl
-        send.send(run(c, device, *_steps(args, device), args.out if args.profile else None))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails
-        import traceback
-
-        traceback.print_exc()
-        send.send({"error": f"{type(e).__name__}: {e}"})
-    finally:
-        send.close()
 
 
 def _steps(args, device):
