@@ -88,6 +88,16 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
     return World(rank, size, local, owns), base
 
 
+def launch(train, cfg, progress: bool = True):
+    """train(cfg, progress, world, device) in this process's world (setup), the progress bar on
+    rank 0 only, the process group torn down after."""
+    world, device = setup(cfg.device)
+    try:
+        return train(cfg, progress and world.is_main, world, device)
+    finally:
+        teardown(world)
+
+
 def teardown(world: World) -> None:
     import torch.distributed as dist
 

@@ -461,12 +461,7 @@ def train(cfg: SFTConfig, progress: bool = True) -> dict:
     metrics, checkpoints and final/ (same single-file format)."""
     from gream_fast.train import distributed
 
-    cfg = check_config(cfg)
-    world, device = distributed.setup(cfg.device)
-    try:
-        return _train(cfg, progress and world.is_main, world, device)
-    finally:
-        distributed.teardown(world)
+    return distributed.launch(_train, check_config(cfg), progress)
 
 
 def _micro_batch(packed: dict, rows, keys, device) -> dict:

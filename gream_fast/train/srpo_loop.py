@@ -320,12 +320,7 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     number of processes)."""
     from gream_fast.train import distributed
 
-    cfg = check_config(cfg)
-    world, device = distributed.setup(cfg.device)
-    try:
-        return _train(cfg, progress and world.is_main, world, device)
-    finally:
-        distributed.teardown(world)
+    return distributed.launch(_train, check_config(cfg), progress)
 
 
 def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
