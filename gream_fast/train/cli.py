@@ -4,6 +4,12 @@ import json
 import os
 
 
+def report(summary: dict) -> None:
+    """Print a run's summary; under torchrun only rank 0 does."""
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
+
+
 def add_cli(subparsers) -> None:
     """Register the `train` group and its `sft` and `srpo` commands on the top-level subparsers."""
     from gream_fast.config import add_fields, from_args
@@ -17,9 +23,7 @@ def add_cli(subparsers) -> None:
     def sft_main(args):
         from gream_fast.train.sft import train
 
-        summary = train(from_args(SFTConfig, args))
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports
-            print(json.dumps(summary, indent=2))
+        report(train(from_args(SFTConfig, args)))
 
     p.set_defaults(run=sft_main)
 
@@ -33,7 +37,6 @@ def add_cli(subparsers) -> None:
     def srpo_main(args):
         from gream_fast.train.srpo_loop import train
 
-        summary = train(from_args(SRPOConfig, args))
-        print(json.dumps(summary, indent=2))
+        report(train(from_args(SRPOConfig, args)))
 
     q.set_defaults(run=srpo_main)

@@ -84,6 +84,16 @@ class SFTConfig:
     history_loss: bool = False
 
 
+# the run-control flags both training loops share
+RUN_HELP = {
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "keep the newest N checkpoints (0: all)",
+    "stop_after": "stop after this step with a checkpoint, to go on later with --resume (0: run "
+                  "to the end)",
+    "resume": "continue from the newest checkpoint in --out",
+    "device": "auto (cuda when available), cpu, cuda, cuda:N",
+}
+
 HELP = {
     "model": "a local Hugging Face causal-LM folder to fine-tune (SID tokens are added from "
              "--index when given)",
@@ -101,12 +111,7 @@ HELP = {
     "epochs": "passes over the data (ignored when --max-steps > 0)",
     "max_steps": "optimizer steps (0: --epochs passes); the data repeats in order as needed",
     "clip": "max gradient norm (0: no clipping; the norm is still logged)",
-    "save_every": "checkpoint every N steps (0: only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0: all)",
-    "stop_after": "stop after this step with a checkpoint, to go on later with --resume (0: run "
-                  "to the end)",
-    "resume": "continue from the newest checkpoint in --out",
-    "device": "auto (cuda when available), cpu, cuda, cuda:N",
+    **RUN_HELP,
     "bf16": "bfloat16 autocast on CUDA (float32 master weights); CPU always runs float32",
     "gradient_checkpointing": "recompute the decoder layers' activations in the backward pass",
     "log_every": "steps per metrics line",

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from gream_fast.errors import FormatError, InvalidInputError
+from gream_fast.train.sft import RUN_HELP
 
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
@@ -107,13 +108,8 @@ HELP = {
     "temperature": "rollout sampling temperature",
     "max_draws": "rollout batches drawn at most per step to fill the groups (dynamic sampling)",
     "max_history": "history items per prompt (the most recent)",
-    "save_every": "checkpoint every N steps (0: only at the end)",
-    "keep_checkpoints": "keep the newest N checkpoints (0: all)",
-    "stop_after": "stop after this step with a checkpoint, to go on later with --resume (0: run "
-                  "to the end)",
-    "resume": "continue from the newest checkpoint in --out",
+    **RUN_HELP,
     "seed": "shuffling and rollout seed",
-    "device": "auto (cuda when available), cpu, cuda, cuda:N",
     "eval_every": "Recall/NDCG on validation users every N steps, at step 0 and at the end (0: "
                   "never)",
     "eval_users": "validation users evaluated (the first ones; 0: all)",
