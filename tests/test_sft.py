@@ -211,7 +211,7 @@ def test_tiny_model_and_tokenizer(setup, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gream_fast.index.tokens import is_contiguous, sid_token_table
-    from gream_fast.model.tiny import TINY_SHAPE, build_tiny
+    from gream_fast.model.tiny import TINY_SHAPE, TINY_SIZES, build_tiny
 
     root, data, index, _ = setup
     model, tokenizer, out = tiny
@@ -245,6 +245,12 @@ def test_tiny_model_and_tokenizer(setup, tiny):
     assert torch.equal(same.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight,
                            model.model.layers[0].mlp.up_proj.weight)
+    small, tok3 = build_tiny(data, index, seed=0, size="small")
+    assert {k: getattr(small.config, k) for k in TINY_SIZES["small"]} == TINY_SIZES["small"]
+    assert small.num_parameters() < model.num_parameters() / 2
+    assert tok3.get_vocab() == tokenizer.get_vocab()  # the size changes the model only
+    with pytest.raises(InvalidInputError, match="tiny size: expected one of base, small"):
+        build_tiny(data, index, size="huge")
 
 
 # -- training runs ----------------------------------------------------------------------------
@@ -325,6 +331,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
         (["--model", str(tmp_path), "--data", str(root / "sft.jsonl")], "no config.json"),
         (["--init", "tiny", "--data", str(root / "sft.jsonl"), "--batch-size", "0"],
          "--batch-size: expected >= 1"),
+        (["--init", "tiny", "--data", str(root / "sft.jsonl"), "--tiny-size", "huge"],
+         "--tiny-size: expected one of base, small, got 'huge'"),
     ]
     for args, message in cases:
         assert main(["train", "sft", *common, *args]) == 2, args

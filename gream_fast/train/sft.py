@@ -81,6 +81,7 @@ class SFTConfig:
     log_every: int = 1
     chunk: int = 0
     vocab_size: int = 4096
+    tiny_size: str = "base"
     history_loss: bool = False
 
 
@@ -117,6 +118,8 @@ HELP = {
     "log_every": "steps per metrics line",
     "chunk": "rows per chunk of the cross-entropy (0: about 2^26 logits per chunk)",
     "vocab_size": "--init tiny: BPE tokens before the special and SID tokens",
+    "tiny_size": "--init tiny: base (hidden 256, 4 layers) or small (hidden 128, 2 layers: ~4x "
+                 "the tokens/s on a CPU; the demo's); see gream_fast/model/tiny.py",
     "history_loss": "beyond METHOD.md (which trains on responses only): also train on the SID "
                     "tokens inside prompts, so every history item is predicted from the ones "
                     "before it, as sequential recommenders train; ~20x the next-item targets "
@@ -138,6 +141,11 @@ def check_config(cfg: SFTConfig) -> SFTConfig:
         raise InvalidInputError(f"--data {cfg.data}: no such file")
     if not cfg.out:
         raise InvalidInputError("--out: required (the run folder)")
+    from gream_fast.model.tiny import TINY_SIZES
+
+    if cfg.tiny_size not in TINY_SIZES:
+        raise InvalidInputError(f"--tiny-size: expected one of {', '.join(TINY_SIZES)}, "
+                                f"got {cfg.tiny_size!r}")
     if cfg.init == "tiny" and not (cfg.index and cfg.data_dir):
         raise InvalidInputError("--init tiny needs --index (the SID tokens) and --data-dir (the "
                                 "dataset whose texts the tokenizer learns)")
@@ -205,7 +213,8 @@ def build_model(cfg: SFTConfig, device):
     if cfg.init == "tiny":
         from gream_fast.model.tiny import build_tiny
 
-        return build_tiny(cfg.data_dir, index, seed=cfg.seed, vocab_size=cfg.vocab_size)
+        return build_tiny(cfg.data_dir, index, seed=cfg.seed, vocab_size=cfg.vocab_size,
+                          size=cfg.tiny_size)
     return load_pretrained(cfg.model, device, index)
 
 
