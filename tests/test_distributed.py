@@ -319,3 +319,43 @@ def test_srpo_train_two_ranks(tmp_path):
     summary = srpo_train(SRPOConfig(**{**cfg, "resume": True}), progress=False)
     assert summary["steps"] == 2 and (run / "final" / "model.safetensors").is_file()
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]
+
+
+def _evaluate_to(path, root, index, world_size):
+    from gream_fast.data.dataset import Dataset
+    from gream_fast.eval import evaluate
+    from gream_fast.eval.cli import load_model
+    from gream_fast.train.distributed import World
+
+    model, tokenizer = load_model(root / "model", "cpu")
+    world = World(rank=int(os.environ.get("RANK", 0)), size=world_size)
+    data = Dataset.load(root / "data")
+    # 7 users in batches of 2: 4 batches, so rank 0 evaluates 4 users and rank 1 three. Every
+    # item is ranked: NDCG@all depends on each target's exact rank, a fingerprint of the rankings
+    n = data.num_items
+    out = {mode: evaluate(model, tokenizer, data, index, mode=mode, split="valid", ks=(1, 5, n),
+                          num_beams=n, batch_size=2, max_users=7, think_budget=4,
+                          progress=False, world=world)
+           for mode in ("direct", "reasoning")}
+    (path / f"rank{world.rank}.json").write_text(json.dumps(out))
+
+
+def test_evaluate_two_ranks_match_one(tmp_path, one_thread):
+    """evaluate(world=...) shares the users across ranks and every rank returns the metrics of
+    all of them, equal to one process's (each batch, and its reasoning-mode seed, is the one a
+    single process runs)."""
+    from gream_fast.model.tiny import build_tiny
+    from test_srpo_loop import SHAPE
+
+    data, index = make_data_and_index(tmp_path, users=30)
+    build_tiny(tmp_path / "data", index, out_dir=tmp_path / "model", seed=0, vocab_size=300,
+               shape=SHAPE)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _evaluate_to(tmp_path / "one", tmp_path, index, 1)
+    run_ranks([lambda: _evaluate_to(tmp_path / "two", tmp_path, index, 2)], timeout=180)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "two" / f"rank{rank}.json").read_text()) == one
+    for m in one.values():
+        assert 0 < m[f"ndcg@{data.num_items}"] < 1 and m[f"recall@{data.num_items}"] == 1

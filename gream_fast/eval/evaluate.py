@@ -96,7 +96,7 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
              out=None, *, max_history: int = 20, max_users: int | None = None,
              system_prompt: bool = True, chat_template: str | None = None, runner=None,
              progress: bool = True, think_budget: int = 512, temperature: float = 0.7,
-             top_p: float = 0.9, seed: int = 0) -> dict:
+             top_p: float = 0.9, seed: int = 0, world=None) -> dict:
     """Recall@K and NDCG@K of `model` on `split` ("valid" or "test") of `dataset`, one target
     per user: {"recall@1": ..., "ndcg@1": ..., ...}.
 
@@ -107,7 +107,9 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
     folder for the rankings and metrics files. mode="reasoning": each user's prompt is the CoT
     rows' prompt; the model thinks (think_budget tokens at most, sampled with temperature /
     top_p and seed; 0 = greedy) and answers by beam search (gream_fast.generate.reasoning); the
-    reasoning text goes to the rankings file."""
+    reasoning text goes to the rankings file. world: a gream_fast.train.distributed.World whose
+    ranks share the users (batch b runs on rank b % size exactly as it would in one process, so
+    the metrics are one process's); a collective call, every rank returns all users' metrics."""
     check_mode(mode)
     constraint = None
     if not hasattr(index, "sid_codes"):  # a SIDConstraint: its index names the items
@@ -133,6 +135,10 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
     if index.num_items != dataset.num_items:
         raise InvalidInputError(f"the index has {index.num_items} items but the dataset "
                                 f"{dataset.num_items}: they must describe the same items")
+    sharded = world is not None and world.distributed
+    if sharded and out is not None:
+        raise InvalidInputError("out: rankings files are written by a single process; evaluate "
+                                "with world=None to write them")
 
     from tqdm.auto import tqdm
 
@@ -151,10 +157,15 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
         constraint = build_constraint(tokenizer, index, prompts, runner.device)
 
     thoughts = []  # reasoning mode: each user's reasoning text
-    items = np.empty((n, num_beams), np.int64)
-    scores = np.empty((n, num_beams), np.float32)
-    with tqdm(total=n, desc=f"eval {split}", unit="user", disable=not progress) as bar:
-        for lo in range(0, n, batch_size):
+    # a rank's rows stay 0 outside its batches: the sum over ranks is every row once
+    items = np.zeros((n, num_beams), np.int64)
+    scores = np.zeros((n, num_beams), np.float32)
+    starts = range(0, n, batch_size)
+    if sharded:
+        starts = starts[world.rank::world.size]
+    mine = sum(min(batch_size, n - lo) for lo in starts)
+    with tqdm(total=mine, desc=f"eval {split}", unit="user", disable=not progress) as bar:
+        for lo in starts:
             hi = min(lo + batch_size, n)
             texts = [prompts(examples[e][1]) for e in range(lo, hi)]
             if mode == "direct":
@@ -169,6 +180,13 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
                 thoughts.extend(res.texts)
             items[lo:hi], scores[lo:hi] = it.cpu().numpy(), sc.float().cpu().numpy()
             bar.update(hi - lo)
+    if sharded:
+        import torch
+
+        from gream_fast.train.distributed import all_reduce
+
+        items = all_reduce(torch.from_numpy(items), world).numpy()
+        scores = all_reduce(torch.from_numpy(scores), world).numpy()
     users, targets = examples.user[:n], examples.target[:n]
     metrics = recall_ndcg(items, targets, ks)
     seconds = time.perf_counter() - t0

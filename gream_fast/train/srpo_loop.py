@@ -228,7 +228,7 @@ def step_seed(seed: int, step: int, rank: tuple = ()) -> int:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig) -> dict:
+def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig, world=None) -> dict:
     from gream_fast.eval import evaluate
 
     beams = min(10, dataset.num_items)
@@ -240,7 +240,7 @@ def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig) -> dict:
             m = evaluate(policy, tokenizer, dataset, constraint, mode=cfg.mode, split="valid",
                          ks=ks, num_beams=beams, max_users=cfg.eval_users,
                          max_history=cfg.max_history, progress=False,
-                         think_budget=cfg.think_budget, seed=cfg.seed)
+                         think_budget=cfg.think_budget, seed=cfg.seed, world=world)
     finally:
         policy.train(was)
     return {f"valid_{k}": v for k, v in m.items()}
@@ -283,15 +283,14 @@ class BestPolicy:
 
 
 def _evaluate_and_offer(step, policy, root, world, tokenizer, dataset, constraint, cfg, best):
-    """(validation metrics, best/'s step) on rank 0; ({}, None) on the others. Rank 0 evaluates
-    on whole weights (distributed.gathered) while the others wait; whether best/ takes the
+    """(validation metrics, best/'s step) on rank 0; ({}, None) on the others. The ranks share
+    the validation users on whole weights (distributed.gathered); whether best/ takes the
     policy is rank 0's call, summed over the ranks (the others add 0) so that every rank joins
     the gather of its state."""
     from gream_fast.train import distributed
 
     with distributed.gathered(root, world):
-        metrics = _evaluate(policy, tokenizer, dataset, constraint, cfg) if world.is_main else {}
-        distributed.barrier(world)
+        metrics = _evaluate(policy, tokenizer, dataset, constraint, cfg, world)
     better = torch.tensor([float(world.is_main and best.better(metrics))])
     if distributed.all_reduce(better, world).item():
         full = distributed.full_model_state(policy, world)
@@ -311,9 +310,9 @@ def train(cfg: SRPOConfig, progress: bool = True) -> dict:
     and dynamic-sampling draws keyed by its rank; rollouts and evaluation run on the gathered
     weights. The loss is normalised by the step's global response-token count, so the update
     is the single-process one on the same groups up to float summation order; a step is
-    skipped only when no rank kept a group. Rank 0 alone evaluates and writes the metrics,
-    checkpoints, best/ and final/ (the single-process format: a run resumes with another
-    number of processes)."""
+    skipped only when no rank kept a group. The ranks share the validation users (the metrics
+    equal one process's); rank 0 alone writes the metrics, checkpoints, best/ and final/ (the
+    single-process format: a run resumes with another number of processes)."""
     from gream_fast.train import distributed
 
     return distributed.launch(_train, check_config(cfg), progress)
