@@ -77,7 +77,7 @@ class DemoConfig:
     eval_users: int = 0
     reasoning_users: int = 200
     num_beams: int = 10
-    think_budget: int = 32
+    think_budget: int = 256  # covers the CoT responses (think + rewritten history: ~240 tokens)
 
 
 QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192, cot_rows=48,
