@@ -25,7 +25,7 @@ the alignment subset alone, sft_curriculum.jsonl its curriculum order with the C
 reads both in order; sft_curriculum continues from sft_align's weights.
 
 For the CPU budget the backbone is the small tiny model (hidden 128, 2 layers; model/tiny.py):
-on this data the number of next-item targets seen matters more than width, and it trains ~4x
+on this data the number of next-item targets seen matters more than width, and it trains ~3.5x
 the tokens/s of the base size. **beyond** METHOD.md, SFT also runs with history_loss (train sft
 --history-loss), training on the SID tokens of the prompts' histories too, so each seqrec row is
 ~20 next-item targets instead of one. Without it a few minutes of CPU SFT see too few targets to
@@ -57,7 +57,7 @@ class DemoConfig:
     # the SFT subset (see the module docstring)
     align_rows: int = 24000
     cot_rows: int = 6000
-    # SFT (--init tiny --tiny-size small; 512 x 8 does ~17k tokens/s on a 2-core CPU)
+    # SFT (--init tiny --tiny-size small; 512 x 8 does ~15k tokens/s on a 2-core CPU)
     tiny_size: str = "small"
     seq_len: int = 512
     batch_size: int = 8

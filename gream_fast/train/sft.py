@@ -118,8 +118,8 @@ HELP = {
     "log_every": "steps per metrics line",
     "chunk": "rows per chunk of the cross-entropy (0: about 2^26 logits per chunk)",
     "vocab_size": "--init tiny: BPE tokens before the special and SID tokens",
-    "tiny_size": "--init tiny: base (hidden 256, 4 layers) or small (hidden 128, 2 layers: ~4x "
-                 "the tokens/s on a CPU; the demo's); see gream_fast/model/tiny.py",
+    "tiny_size": "--init tiny: base (hidden 256, 4 layers) or small (hidden 128, 2 layers: "
+                 "~3.5x the tokens/s on a CPU; the demo's); see gream_fast/model/tiny.py",
     "history_loss": "beyond METHOD.md (which trains on responses only): also train on the SID "
                     "tokens inside prompts, so every history item is predicted from the ones "
                     "before it, as sequential recommenders train; ~20x the next-item targets "
