@@ -24,7 +24,7 @@ even under pytest's TRITON_INTERPRET=1).
 
 Shapes: CUDA = Qwen3-0.6B in bf16 (weights, optimizer state and both passes; no autocast),
 64 prompts x 10, 128-token prompts, 20k items x 4 levels x 256 codes (5-token completions); CPU
-= the tiny Qwen3 (model/tiny.py TINY_SHAPE, 4096 tokens) in fp32, 16 prompts x 8, 32-token
+= the tiny Qwen3 (model/tiny.py TINY_SIZES["base"], 4096 tokens) in fp32, 16 prompts x 8, 32-token
 prompts, 2,000 items x 4 levels x 32 (quick: 4 x 4, 16-token prompts, 500 items). Each
 implementation runs in a fresh process: 2 warm-up steps, then min(--repeat, 5) timed
 steps (CPU: 3; quick: 2); time = median seconds per step, host-synchronised around each step.

@@ -211,13 +211,13 @@ def test_tiny_model_and_tokenizer(setup, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gream_fast.index.tokens import is_contiguous, sid_token_table
-    from gream_fast.model.tiny import TINY_SHAPE, TINY_SIZES, build_tiny
+    from gream_fast.model.tiny import TINY_SIZES, build_tiny
 
     root, data, index, _ = setup
     model, tokenizer, out = tiny
     cfg = model.config
     assert cfg.model_type == "qwen3" and cfg.vocab_size == len(tokenizer)
-    assert {k: getattr(cfg, k) for k in TINY_SHAPE} == TINY_SHAPE
+    assert {k: getattr(cfg, k) for k in TINY_SIZES["base"]} == TINY_SIZES["base"]
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
     for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"):
         assert len(tokenizer.encode(t, add_special_tokens=False)) == 1

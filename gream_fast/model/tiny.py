@@ -24,7 +24,6 @@ TINY_SIZES = {
     "small": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, intermediate_size=384),
 }
-TINY_SHAPE = TINY_SIZES["base"]
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = (EOS, "<|im_start|>", "<|im_end|>", PAD)  # ids 0, 1, 2, 3
 
@@ -91,7 +90,8 @@ def build_tiny(data_dir, index, out_dir=None, seed: int = 0, *, vocab_size: int 
     `shape`) with random float32 weights drawn from `seed`, and a tokenizer trained on the
     dataset at `data_dir` (a `data prepare` folder or a Dataset) with `vocab_size` BPE tokens,
     then the SID tokens of `index` (a SemanticIndex or its path) added with contiguous ids.
-    Saved to `out_dir` (safetensors + tokenizer files) when given. The global torch RNG is left untouched."""
+    Saved to `out_dir` (safetensors + tokenizer files) when given. The global torch RNG is left
+    untouched."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from gream_fast.data.dataset import Dataset
