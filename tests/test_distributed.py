@@ -13,8 +13,9 @@ gives in one process (with the same thread count), but the single process runs t
 rows as one micro-batch (other float32 summation order in the matrix products and the loss) and
 computes the grad norm over whole tensors, not shards. Those last-bit differences pass through
 AdamW, whose update lr * m / (sqrt(v) + eps) amplifies them on the coordinates with gradients
-near eps: atol 1e-5 (1% of one step's update at lr 1e-3) on the weights after 3 steps; observed
-max 1.5e-6, mean 6e-9."""
+near eps: atol 1e-4 (10% of one step's update at lr 1e-3) on the weights after 3 steps;
+observed max 1.5e-6 (mean 6e-9) with AVX-512 kernels, 2.0e-5 on the tied model with AVX2 ones
+(ATEN_CPU_CAPABILITY=avx2 and OpenBLAS as Haswell: another CPU's summation order)."""
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from gream_fast.train.sft import SFTConfig, train
 
 from tiny_data import make_data_and_index
 
-ATOL = 1e-5
+ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_two_ranks_match_one(tiny_run, tmp_path, one_thread):
     two = weights(tmp_path / "two")
     assert max_diff(a, two) < ATOL
     initial = load_file(root / "model" / "model.safetensors")
-    assert max_diff(a, initial) > 100 * ATOL  # the runs did train
+    assert max_diff(a, initial) > 10 * ATOL  # the runs did train
     # rank 0 alone wrote the metrics: the same losses and token counts
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in m2] == [1, 2, 3]

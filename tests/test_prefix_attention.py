@@ -130,13 +130,21 @@ def test_choose_splits_from_shapes():
     assert choose_splits(4, 2, 4 * 4096, 1, sm_count=8) == 2
 
 
-def test_identical_suffixes_give_identical_outputs():
-    # Beam search at its first step: every row of a prompt has the same query and suffix.
+def test_identical_rows_agree_and_calls_are_deterministic():
+    """Beam search at its first step: every row of a prompt has the same query and suffix.
+    What we promise: a call is deterministic (the same inputs give the same bits, run to run),
+    and identical rows agree to float32 rounding. Not bit-equality across rows: rows sit at
+    different positions of the [rows, keys] tile products, and the matrix kernel under them
+    (BLAS in Triton's interpreter, the CPU reference's einsum) may sum a row's products in an
+    order that depends on its position and on the CPU's vector width (seen: up to 1.8e-7 apart
+    on another 2-core x86 machine, and here with AVX2 kernels forced: OPENBLAS_CORETYPE=Haswell;
+    equal with AVX-512)."""
     args = make([29, 11], [20, 3], 4, 2, 32, 4, seed=3)
     for name in ("q", "suffix_k", "suffix_v", "suffix_lens"):
         args[name][:20] = args[name][0]
     o = shared_prefix_attention(**args)
-    assert torch.equal(o[:20], o[:1].expand(20, -1, -1))
+    assert torch.equal(o, shared_prefix_attention(**args))
+    torch.testing.assert_close(o[:20], o[:1].expand(20, -1, -1), atol=1e-6, rtol=1e-6)
 
 
 def test_check_false_and_no_suffix_at_all():
