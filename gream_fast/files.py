@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from gream_fast.errors import DataError, FormatError
 
 
@@ -58,6 +60,8 @@ def save_arrays(path, arrays: dict, kind: str, version: int, **meta) -> None:
     from safetensors.numpy import save_file
 
     metadata = {"format": kind, "version": str(version), **{k: str(v) for k, v in meta.items()}}
+    # save_file writes an array's memory as it lies: a strided view would be saved scrambled
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # save_file replaces the file: set the mode again

@@ -32,14 +32,16 @@ class BeamResult:
     tokens: torch.Tensor  # [B, top_k, max_len] generated token ids, -1 padding after EOS
 
 
-def step_candidates(runner, hidden, nodes, constraint, depth, k, score):
-    """Each row's best k children: (scores [R, k], tokens [R, k], child nodes [R, k])."""
+def step_candidates(runner, hidden, nodes, constraint, depth, k, score, temperature=1.0):
+    """Each row's best k children: (scores [R, k], tokens [R, k], child nodes [R, k]); the
+    scores are log-softmax of logits / temperature."""
     if score == "full":
-        return trie_topk(runner.logits(hidden), nodes, constraint.indptr, constraint.tokens, k,
-                         max_children=constraint.max_children)
+        return trie_topk(_scaled(runner.logits(hidden), temperature), nodes, constraint.indptr,
+                         constraint.tokens, k, max_children=constraint.max_children)
     rows = constraint.level_rows(min(depth, constraint.token_table.shape[0] - 1))
-    s, t, c = trie_topk(runner.logits(hidden, rows), nodes, constraint.indptr, constraint.tokens,
-                        k, token_offset=rows.start, max_children=constraint.max_children)
+    s, t, c = trie_topk(_scaled(runner.logits(hidden, rows), temperature), nodes,
+                        constraint.indptr, constraint.tokens, k, token_offset=rows.start,
+                        max_children=constraint.max_children)
     # rows at a complete SID: EOS is outside the slice; it is their only move, with score 0
     end = constraint.ends[nodes.clamp(min=0).long()] & (nodes >= 0)
     eos_child = constraint.indptr[nodes.clamp(min=0).long()] + 1
@@ -47,6 +49,10 @@ def step_candidates(runner, hidden, nodes, constraint, depth, k, score):
     t[:, 0] = torch.where(end, constraint.eos_token_id, t[:, 0])
     c[:, 0] = torch.where(end, eos_child.to(c.dtype), c[:, 0])
     return s, t, c
+
+
+def _scaled(logits, temperature):
+    return logits if temperature == 1 else logits / temperature
 
 
 @torch.no_grad()

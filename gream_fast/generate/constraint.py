@@ -7,9 +7,13 @@ the item. Decoding carries one int32 node per row; a step is a gather (trie_topk
 import numpy as np
 import torch
 
-from gream_fast.errors import InvalidInputError
+from gream_fast.errors import FormatError, InvalidInputError
+from gream_fast.files import load_arrays, save_arrays
+from gream_fast.index.semantic_index import SemanticIndex
 from gream_fast.index.tokens import is_contiguous, sid_token_table
 from gream_fast.index.trie import PrefixTrie
+
+_FORMAT, _VERSION = "gream-fast/sid-constraint", 1
 
 
 class SIDConstraint:
@@ -55,6 +59,37 @@ class SIDConstraint:
         first = np.where(fan > 0, a["tokens"][np.minimum(a["indptr"][:-1], len(a["tokens"]) - 1)], -1)
         self.ends = torch.from_numpy((fan == 1) & (first == self.eos_token_id)).to(self.device)
         return self
+
+    def save(self, path, arrays: dict | None = None, **meta) -> None:
+        """One safetensors file with everything needed to rebuild the constraint without a
+        tokenizer (the index, the SID token ids, the end token): what a process that has only
+        a path (a vLLM worker, a verl reward manager) loads. `arrays`: extra named numpy arrays
+        stored beside (an adapter's tables; load(path, extra=True) reads them back); `meta`:
+        extra string metadata."""
+        own = {"codes": self.index.codes, "extra": self.index.extra,
+               "token_table": self.token_table}
+        clash = sorted(set(own) & set(arrays or {}))
+        if clash:
+            raise InvalidInputError(f"SIDConstraint.save: arrays {clash} are the constraint's own "
+                                    "names; pick others")
+        save_arrays(path, {**own, **(arrays or {})}, _FORMAT, _VERSION,
+                    codebook_size=self.index.codebook_size, eos_token_id=self.eos_token_id, **meta)
+
+    @classmethod
+    def load(cls, path, device="cpu", *, extra: bool = False):
+        """The constraint saved at `path`; with extra=True, (constraint, the extra arrays given
+        to save, the file's string metadata)."""
+        arrays, meta = load_arrays(path, _FORMAT, _VERSION, ["codes", "extra", "token_table"])
+        try:
+            index = SemanticIndex(arrays["codes"], arrays["extra"], int(meta["codebook_size"]))
+            out = cls(index, token_table=arrays["token_table"],
+                      eos_token_id=int(meta["eos_token_id"]), device=device)
+        except (KeyError, ValueError) as e:
+            raise FormatError(f"{path}: not a valid SID constraint ({e})") from None
+        if not extra:
+            return out
+        rest = {k: v for k, v in arrays.items() if k not in ("codes", "extra", "token_table")}
+        return out, rest, meta
 
     @property
     def num_items(self) -> int:

@@ -72,7 +72,8 @@ def _marker_seen(seqs, answer_ids, tokenizer=None, answer=None) -> list:
     return [q[-m:] == answer_ids for q in seqs]
 
 
-def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, top_p, gen):
+def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, top_p, gen,
+                 logprob_temperature=1.0):
     """One trie-constrained sample per answering row: (token, child node, log-prob)."""
     from gream_fast.generate.beam import step_candidates
     from gream_fast.kernels.trie_logits import sample_children
@@ -85,8 +86,9 @@ def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, t
         rows = torch.arange(len(nodes)) if d is None else torch.nonzero(depth == d).flatten()
         rows = rows.to(nodes.device)
         s, t, c = step_candidates(runner, hidden[rows], nodes[rows], constraint, d or 0,
-                                  constraint.max_children, score)
-        _, t, c, l = sample_children(s, t, c, temperature, top_p, generator=gen)
+                                  constraint.max_children, score, logprob_temperature)
+        _, t, c, l = sample_children(s, t, c, temperature / logprob_temperature, top_p,
+                                     generator=gen)
         tok[rows], child[rows], lp[rows] = t, c.to(child.dtype), l
     return tok, child, lp
 
@@ -95,7 +97,7 @@ def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, t
 def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
                 top_p: float = 0.9, eos_token_id=None, seed: int = 0, tokenizer=None,
                 answer: str | None = None, n: int = 1, constraint=None,
-                score: str = "full") -> ReasonRows:
+                score: str = "full", logprob_temperature: float = 1.0) -> ReasonRows:
     """The reasoning loop behind think() and reasoning-mode sampling. n rows per prompt share
     its prefill and prompt KV; each writes free text (sample_logits at temperature / top_p)
     until the marker (see think). Rows that finish leave the batch. Without a constraint a row
@@ -104,8 +106,8 @@ def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0
     token), a row goes on: a sampled EOS is replaced by the marker, an exhausted budget forces
     the marker, the marker tokens are fed, then a SID is sampled under the trie
     (sample_children at temperature / top_p) and closed by the end token; every token gets
-    the policy's log-prob (temperature 1; full vocabulary for text and the marker, `score`
-    for the SID as in direct sampling)."""
+    the policy's log-prob (at logprob_temperature; full vocabulary for text and the marker,
+    `score` for the SID as in direct sampling)."""
     answer_ids = [int(t) for t in answer_ids]
     m, dev, stops = len(answer_ids), runner.device, _stops(eos_token_id)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
@@ -141,12 +143,14 @@ def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0
                 phase[ended], fpos[ended] = FORCE, 0
             forcing = torch.nonzero(phase == FORCE).flatten()
             tok[forcing.to(dev)] = marker[fpos[forcing].to(dev)]
-            lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+            lp = torch.log_softmax(logits / logprob_temperature, -1).gather(
+                1, tok[:, None]).squeeze(1)
             answering = torch.nonzero(phase == ANSWER).flatten()
             if len(answering):
                 a = answering.to(dev)
                 t, c, l = _answer_step(runner, hidden[a], nodes[a], depth[answering],
-                                       constraint, score, temperature, top_p, gen)
+                                       constraint, score, temperature, top_p, gen,
+                                       logprob_temperature)
                 tok[a], lp[a], nodes[a] = t, l, c
             lps = lp.tolist()
         toks = tok.tolist()

@@ -6,8 +6,10 @@ The n samples of a prompt share its prefill and its prompt KV (rows_per_prompt =
 runner). Each step samples from the node's children, renormalised over them with the
 temperature and nucleus top_p (sample_children); the reported log-prob of a token is the
 policy's own, log-softmax at temperature 1 over the whole vocabulary (score="full") or over
-the level's SID tokens (score="sid"), the quantity the SRPO loss recomputes. EOS after a
-complete SID is forced and gets its log-prob like any token (0 under score="sid").
+the level's SID tokens (score="sid"), the quantity the SRPO loss recomputes; or, with
+logprob_temperature = the sampling temperature, log-softmax of logits / temperature (what
+TRL's GRPOTrainer recomputes). EOS after a complete SID is forced and gets its log-prob like
+any token (0 under score="sid").
 """
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
            top_p: float = 1.0, mode: str = "direct", score: str = "full", seed: int = 0,
            pad_id: int | None = None, runner=None, think_budget: int = 512,
            answer: str = "<answer>", answer_end: str = "</answer>", answer_ids=None,
-           stop_ids=None) -> Rollouts:
+           stop_ids=None, logprob_temperature: float = 1.0) -> Rollouts:
     """n trie-constrained samples per prompt. Direct mode: the response is the SID + EOS.
     Reasoning mode: free text until the answer marker, then the SID + the end token (see
     _sample_reasoning). Seeded: the same seed gives the same rollouts on the same device."""
@@ -46,11 +48,14 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
         raise InvalidInputError(f"mode: expected 'direct' or 'reasoning', got {mode!r}")
     if n < 1:
         raise InvalidInputError(f"n: expected >= 1, got {n}")
+    if not logprob_temperature > 0:
+        raise InvalidInputError(f"logprob_temperature: expected a positive number, got "
+                                f"{logprob_temperature!r}")
     runner = runner or make_runner(model)
     if mode == "reasoning":
         return _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, score,
                                  seed, pad_id, think_budget, answer, answer_end, answer_ids,
-                                 stop_ids)
+                                 stop_ids, logprob_temperature)
     constraint = index if isinstance(index, SIDConstraint) else SIDConstraint(
         index, tokenizer, device=runner.device)
     prompts = encode_prompts(tokenizer, prompts)
@@ -68,8 +73,9 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
     for t in range(steps):
         live = torch.nonzero(nodes >= 0).flatten()
         s, tok, child = step_candidates(runner, hidden[live], nodes[live], constraint, t,
-                                        constraint.max_children, score)
-        _, tok, child, lp = sample_children(s, tok, child, temperature, top_p, generator=gen)
+                                        constraint.max_children, score, logprob_temperature)
+        _, tok, child, lp = sample_children(s, tok, child, temperature / logprob_temperature,
+                                            top_p, generator=gen)
         tokens[live, t], logprobs[live, t], mask[live, t] = tok, lp, True
         ended = tok == constraint.eos_token_id
         nodes[live] = torch.where(ended, -1, child.to(nodes.dtype))
@@ -87,14 +93,15 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
 
 
 def _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, score, seed,
-                      pad_id, think_budget, answer, answer_end, answer_ids, stop_ids) -> Rollouts:
+                      pad_id, think_budget, answer, answer_end, answer_ids, stop_ids,
+                      logprob_temperature) -> Rollouts:
     """Reasoning-mode rollouts (generate.reasoning.reason_rows): per row, free text sampled at
     temperature / top_p until the marker (`answer`, found in the decoded text with a
     tokenizer, else the ids answer_ids; forced when think_budget runs out; a stop token,
     stop_ids or the tokenizer's EOS, is replaced by it), then a SID sampled under the trie,
     then the end token (`answer_end`'s first token: the constraint's EOS). Log-probs: the
-    policy's at temperature 1, full vocabulary for the text and the marker, `score` for the
-    SID and the end token."""
+    policy's at logprob_temperature, full vocabulary for the text and the marker, `score` for
+    the SID and the end token."""
     from gream_fast.generate.reasoning import answer_constraint, reason_rows
 
     if think_budget < 0:
@@ -107,7 +114,7 @@ def _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, 
     prompts = encode_prompts(tokenizer, prompts)
     res = reason_rows(runner, prompts, answer_ids, think_budget, temperature, top_p, stop_ids,
                       seed, tokenizer, answer if tokenizer is not None else None, n, constraint,
-                      score)
+                      score, logprob_temperature)
     dev, rows = runner.device, len(res.tokens)
     width = max(len(t) for t in res.tokens)
     pad = constraint.eos_token_id if pad_id is None else pad_id
