@@ -39,9 +39,7 @@ without grad, the policy with grad; TRL: reference and policy, each prompt run n
 import argparse
 import copy
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/bench_srpo.py`
 
 from benchmarks.bench_generate import SHAPES  # noqa: E402
-from benchmarks.harness import Bench, common_args  # noqa: E402
+from benchmarks.harness import Bench, common_args, spawn_worker  # noqa: E402
 
 EOS, PAD = 2, 0
 ISSUE_TRL = "2.64 s per step, 17.3 GiB peak (TRL 1.16 on one H200, as quoted in the issue)"
@@ -304,24 +302,6 @@ def worker(args):
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def spawn(impl, args):
-    """Run one implementation in a fresh interpreter; its result dict. Not a fork: a process
-    that has already run torch's or numba's thread pools (a test session, for one) can leave
-    a forked child waiting forever on a lock one of those threads held; and a CUDA context does
-    not survive a fork."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--device",
-           args.device, "--repeat", str(args.repeat), "--out", args.out]
-    cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"bench_srpo: the {impl} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _preimport(impl):
     """Import what a worker needs (before its timer starts)."""
     import importlib
@@ -377,7 +357,7 @@ def main(argv=None):
     missing = trl_available()
     base = None
     if missing is None:
-        r = spawn("trl", args)
+        r = spawn_worker(__file__, "trl", args)
         t = statistics.median(r["times"])
         base = (t, r["peak"])
         clen = "-" if r["completion_len"] is None else f"{r['completion_len']:.2f}"
@@ -388,7 +368,7 @@ def main(argv=None):
         bench.note(missing)
         if dev.type == "cuda":
             bench.note(f"for reference only, not measured here: {ISSUE_TRL}")
-    r = spawn("ours", args)
+    r = spawn_worker(__file__, "ours", args)
     t = statistics.median(r["times"])
     mem_ratio = "" if base is None else f"; memory TRL/ours {base[1] / max(r['peak'], 1):.1f}x"
     bench.add(case, "ours srpo_step (trie-constrained)", t, work=rows, unit="rollouts/s",

@@ -13,6 +13,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +79,26 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement")
     return parser
+
+
+def spawn_worker(script, worker: str, args: argparse.Namespace) -> dict:
+    """Run `script --worker WORKER` (with the common flags of `args`) in a fresh interpreter;
+    the dict it printed on its last "RESULT {json}" line. Not a fork: a process that has
+    already run torch's or numba's thread pools (a test session, for one) can leave a forked
+    child waiting forever on a lock one of those threads held; and a CUDA context does not
+    survive a fork. The worker times what a user runs: TRITON_INTERPRET is off there."""
+    script = Path(script).resolve()
+    cmd = [sys.executable, str(script), "--worker", worker, "--device", args.device,
+           "--repeat", str(args.repeat), "--out", args.out]
+    cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "0",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    proc = subprocess.run(cmd, cwd=BENCH_DIR.parent, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{script.name}: the {worker} worker failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def device_name(device: torch.device) -> str:
