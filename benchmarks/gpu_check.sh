@@ -16,12 +16,17 @@ git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt" || true
 # --no-deps/--no-build-isolation: use the machine's torch and pybind11, download nothing.
 python -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 3
 
+# tests/test_integration_vllm.py's end-to-end test needs vLLM itself (skipped without it)
+python -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt" \
+  || echo "vllm not installed: test_vllm_generates_real_items skips" | tee -a "$OUT/gpu.txt"
+
 # Only the test files that hold GPU tests (the others may need packages this machine lacks).
 files=$(grep -l "mark.gpu" tests/test_*.py)
 python -m pytest -m gpu -q -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest-gpu.txt"
 
 # bench_srpo (in quick.py) is the full Qwen3-0.6B, 64 x 10 case with 2 timed steps; its TRL
-# baseline runs only where trl==1.16.0 is importable (nothing is downloaded here), else ours alone.
+# baseline runs only where trl==1.16.0 is importable (nothing is downloaded here), else ours
+# alone; bench_trl needs TRL for all of its rows.
 python -c "import trl; print('trl', trl.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt" \
   || echo "trl not installed: bench_srpo runs without its TRL baseline" | tee -a "$OUT/gpu.txt"
 python benchmarks/quick.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
