@@ -134,6 +134,34 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def step_clock(device, warmup: int, mem: Memory, on_warm=None, on_step=None):
+    """A TrainerCallback timing each optimizer step after the first `warmup` ones (synchronised
+    with the device) into .times; at the first timed step it resets `mem` and calls on_warm(),
+    after each timed step on_step()."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, args, st, control, **kw):
+            if st.global_step == warmup:
+                mem.reset()
+                if on_warm is not None:
+                    on_warm()
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kw):
+            sync(device)
+            if st.global_step > warmup:
+                self.times.append(time.perf_counter() - self.t0)
+                if on_step is not None:
+                    on_step()
+
+    return Clock()
+
+
 # -- the two workers (each runs in its own process) ------------------------------------------
 
 def run_ours(c, device, warmup, steps, profile_dir=None):
@@ -202,7 +230,7 @@ def word_tokenizer(vocab):
 
 def run_trl(c, device, warmup, steps, profile_dir=None):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from gream_fast.generate import SIDConstraint
@@ -233,26 +261,19 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
         reward, _ = sid_reward(pred, np.asarray(target), trie, eos_token_id=EOS)
         return reward.tolist()
 
-    times, state = [], {}
+    state = {}
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, st, control, **kw):
-            if st.global_step == warmup:
-                mem.reset()
-                if profile_dir:
-                    state["prof"] = _profiler(device)
-            sync(device)
-            state["t0"] = time.perf_counter()
+    def on_warm():
+        if profile_dir:
+            state["prof"] = _profiler(device)
 
-        def on_step_end(self, args, st, control, **kw):
-            sync(device)
-            if st.global_step > warmup:
-                times.append(time.perf_counter() - state["t0"])
-                m = state["trainer"]._metrics["train"]  # this step's, before TRL logs them
-                for key in ("completions/mean_length", "reward"):
-                    if m.get(key):
-                        state.setdefault(key, []).append(float(m[key][-1]))
+    def on_step():
+        m = state["trainer"]._metrics["train"]  # this step's, before TRL logs them
+        for key in ("completions/mean_length", "reward"):
+            if m.get(key):
+                state.setdefault(key, []).append(float(m[key][-1]))
 
+    clock = step_clock(device, warmup, mem, on_warm, on_step)
     with tempfile.TemporaryDirectory() as tmp:
         make_model(c["shape"], "cpu", dtype).save_pretrained(tmp)  # the reference loads from it
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
@@ -266,7 +287,7 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
             use_cpu=device.type != "cuda", bf16=device.type == "cuda",
             dataloader_num_workers=0, disable_tqdm=True, seed=0, shuffle_dataset=False)
         trainer = GRPOTrainer(model=model, reward_funcs=residual_reward, args=args,
-                              train_dataset=data, processing_class=tokenizer, callbacks=[Clock()])
+                              train_dataset=data, processing_class=tokenizer, callbacks=[clock])
         state["trainer"] = trainer
         trainer.train()
         peak = mem.peak()
@@ -274,7 +295,7 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
         state["prof"].__exit__(None, None, None)
         state["prof"].export_chrome_trace(str(Path(profile_dir) / "srpo-trl.trace.json"))
     lengths, rewards = state.get("completions/mean_length"), state.get("reward")
-    return {"times": times, "peak": peak,
+    return {"times": clock.times, "peak": peak,
             "completion_len": statistics.mean(lengths) if lengths else None,
             "reward_mean": statistics.mean(rewards) if rewards else None}
 

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.bench_generate import SHAPES  # noqa: E402
 from benchmarks.bench_srpo import (BETA, CLIP, EOS, LR, PAD, WEIGHT_DECAY, Memory, cases,  # noqa: E402
-                                   make_items, make_model, make_prompts, sync, trl_available)
+                                   make_items, make_model, make_prompts, step_clock, sync,
+                                   trl_available)
 from benchmarks.harness import Bench, common_args, spawn_worker  # noqa: E402
 
 ROLLOUTS = {"trl": "TRL generate (unconstrained)", "hf": "HF generate + SIDLogitsProcessor",
@@ -104,7 +105,7 @@ def hf_rollout_func(constraint):
 
 def run(c, device, rollout, warmup, steps):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from gream_fast.generate import SIDConstraint
     from gream_fast.integrations import trl as gt
@@ -121,7 +122,8 @@ def run(c, device, rollout, warmup, steps):
     if tok(texts[0])["input_ids"] != prompts[0]:
         raise RuntimeError("the word tokenizer does not give back the prompt's token ids")
     targets = np.random.default_rng(1).integers(0, c["items"], len(prompts)).tolist()
-    times, gen_times, completions, state = [], [], [], {}
+    gen_times, completions = [], []
+    clock = step_clock(device, warmup, mem)
 
     class Timed(gt.SRPOGRPOTrainer):
         def _generate(self, prompts):
@@ -133,18 +135,6 @@ def run(c, device, rollout, warmup, steps):
                 gen_times.append(time.perf_counter() - t0)
                 completions.extend(out[1])  # completion_ids
             return out
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, st, control, **kw):
-            if st.global_step == warmup:
-                mem.reset()
-            sync(device)
-            state["t0"] = time.perf_counter()
-
-        def on_step_end(self, args, st, control, **kw):
-            sync(device)
-            if st.global_step > warmup:
-                times.append(time.perf_counter() - state["t0"])
 
     rollout_func = {"trl": None, "hf": hf_rollout_func(constraint),
                     "gream": gt.gream_rollout_func(constraint, tok)}[rollout]
@@ -161,14 +151,14 @@ def run(c, device, rollout, warmup, steps):
         trainer = Timed(model=model, args=args, processing_class=tok,
                         train_dataset=Dataset.from_dict({"prompt": texts, "target": targets}),
                         reward_funcs=gt.sid_reward_func(constraint, on_invalid="zero"),
-                        rollout_func=rollout_func, callbacks=[Clock()])
+                        rollout_func=rollout_func, callbacks=[clock])
         trainer.train()
         peak = mem.peak()
     eos_rows = [r[:r.index(EOS) + 1] if EOS in r else r for r in completions]
     width = max(map(len, eos_rows))
     padded = np.array([r + [-1] * (width - len(r)) for r in eos_rows])
     real = float((constraint.trie.lookup(padded) >= 0).mean())
-    return {"times": times, "generate": gen_times, "peak": peak, "real": real,
+    return {"times": clock.times, "generate": gen_times, "peak": peak, "real": real,
             "completions": len(completions)}
 
 

@@ -76,6 +76,7 @@ class World:
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.completed = {"direct": 0, "reasoning": 0}
+        self.made = 0  # requests created so far
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -106,6 +107,14 @@ class World:
         prompt = [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(2, 6))]
         return SimpleNamespace(n=n, mode=mode, params=params, prompt=prompt, out=[],
                                pending=None, queue=[], fresh=True)
+
+    def admit(self, waiting, closing):
+        """The next request to add: a preempted one back (70% of the time when any waits),
+        else a new one; None when closing and no preempted one was taken."""
+        req = waiting.pop(0) if waiting and self.rng.random() < 0.7 else None
+        if req is None and not closing:
+            req, self.made = self.request(self.made), self.made + 1
+        return req
 
     def finished(self, req):
         """The request stops once past its end token (plus a few free tokens) or at 24."""
@@ -167,7 +176,7 @@ def run_v1(folder, steps=60, slots=6, seed=0):
     proc = Proc(cfg, torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False
     builder, batch, waiting = BatchUpdateBuilder(), [], []
-    made = checked = resumed = dropped = 0
+    checked = resumed = dropped = 0
     for step in range(steps):
         # finished and preempted requests leave (gpu_input_batch.remove_request)
         for i, req in enumerate(batch):
@@ -184,11 +193,9 @@ def run_v1(folder, steps=60, slots=6, seed=0):
         # new and resumed requests fill removed indices first, then append (add_request)
         num_reqs = sum(r is not None for r in batch)
         while num_reqs < slots and (step < steps - 12 or waiting):
-            req = waiting.pop(0) if waiting and w.rng.random() < 0.7 else None
+            req = w.admit(waiting, closing=step >= steps - 12)
             if req is None:
-                if step >= steps - 12:
-                    break
-                req, made = w.request(made), made + 1
+                break
             resumed += bool(req.out)
             i = builder.pop_removed()
             i = num_reqs if i is None else i
@@ -240,7 +247,7 @@ def run_v1(folder, steps=60, slots=6, seed=0):
         checked += len(batch)
         for req, want in zip(batch, wants):
             req.pending = w.pick(req, want)
-    print(f"ok v1: {steps} steps, {made} requests ({resumed} resumed, {dropped} lost a token), "
+    print(f"ok v1: {steps} steps, {w.made} requests ({resumed} resumed, {dropped} lost a token), "
           f"{checked} rows checked, complete SIDs {w.completed}")
     assert w.completed["direct"] > 0 and w.completed["reasoning"] > 0, w.completed
     assert resumed and dropped
@@ -276,7 +283,7 @@ def run_v2(folder, steps=60, slots=6, drafts=2, seed=0):
                           speculative_config=SimpleNamespace(num_speculative_tokens=drafts))
     proc = Proc(cfg, states)
     free, live, waiting = list(range(slots)), {}, []
-    made = checked = draft_rows = resumed = 0
+    checked = draft_rows = resumed = 0
     for step in range(steps):
         for slot, req in list(live.items()):  # finished and preempted requests free their slot
             preempt = w.rng.random() < 0.06
@@ -286,11 +293,9 @@ def run_v2(folder, steps=60, slots=6, drafts=2, seed=0):
                 (waiting.append(req) if preempt and not w.finished(req) else w.tally(req))
         added = False
         while free and (step < steps - 12 or waiting):
-            req = waiting.pop(0) if waiting and w.rng.random() < 0.7 else None
+            req = w.admit(waiting, closing=step >= steps - 12)
             if req is None:
-                if step >= steps - 12:
-                    break
-                req, made = w.request(made), made + 1
+                break
             resumed += bool(req.out)
             slot = free.pop()  # RequestState.add_request: slots come off a free list
             tokens = req.prompt + req.out  # a resumed request is prefilled with its outputs
@@ -355,7 +360,7 @@ def run_v2(folder, steps=60, slots=6, drafts=2, seed=0):
             states.all_token_ids.gpu[slot, total:total + len(new)] = torch.tensor(new)
             states.total_len.gpu[slot] = total + len(new)
             req.out += new
-    print(f"ok v2: {steps} steps, {made} requests ({resumed} resumed), {checked} rows checked "
+    print(f"ok v2: {steps} steps, {w.made} requests ({resumed} resumed), {checked} rows checked "
           f"({draft_rows} draft rows), complete SIDs {w.completed}")
     assert w.completed["direct"] > 0 and w.completed["reasoning"] > 0, w.completed
     assert draft_rows and resumed
