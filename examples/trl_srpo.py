@@ -47,7 +47,11 @@ def main():
     p.add_argument("--out", default=None, help="TRL's output_dir (default: a temp folder)")
     args = p.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
-    tmp = Path(tempfile.mkdtemp(prefix="trl-srpo-"))
+    with tempfile.TemporaryDirectory(prefix="trl-srpo-") as tmp:
+        train(args, Path(tmp))
+
+
+def train(args, tmp: Path):
     run = Path(args.run)
     if args.tiny:
         model, data_dir, index_dir = tiny_run(tmp)

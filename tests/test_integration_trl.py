@@ -203,3 +203,14 @@ def test_bad_inputs(tiny):
         reward(completion_ids=[sid], target=[999])
     with pytest.raises(InvalidInputError, match="column 'target'"):
         reward(completion_ids=[sid])
+
+
+def test_example_script_runs(monkeypatch, tmp_path):
+    """examples/trl_srpo.py --tiny: the README's TRL recipe, end to end."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "trl_srpo.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--tiny", "--steps", "1", "--prompts", "2",
+                                     "--n", "2", "--out", str(tmp_path / "out")])
+    runpy.run_path(str(script), run_name="__main__")
