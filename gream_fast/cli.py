@@ -2,25 +2,20 @@
 pipeline (data, index build, train, eval, demo)."""
 import argparse
 import json
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from gream_fast.config import add_fields, from_args
 from gream_fast.errors import GreamError
 
 
-def _load_index(path: Path, codebook_size: int | None):
-    from gream_fast.index import SemanticIndex
-
-    if path.name.endswith(".json"):
-        return SemanticIndex.from_index_json(path, codebook_size)
-    return SemanticIndex.load(path)
-
-
 def index_stats(args) -> None:
-    from gream_fast.index import PrefixTrie
+    from gream_fast.index import PrefixTrie, load_index
 
-    index = _load_index(args.path, args.codebook_size)
+    index = load_index(args.path, args.codebook_size)
     trie = PrefixTrie(index.sid_codes())
     stats = {
         "items": index.num_items,
@@ -35,7 +30,12 @@ def index_stats(args) -> None:
 
 
 def index_convert(args) -> None:
-    index = _load_index(args.src, args.codebook_size)
+    from gream_fast.files import check_output
+    from gream_fast.index import load_index
+
+    check_output(args.dst, command="index convert", inputs=[args.src], folder=False,
+                 flag="DST")
+    index = load_index(args.src, args.codebook_size)
     if args.dst.name.endswith(".json"):
         index.to_index_json(args.dst)
     else:
@@ -52,6 +52,11 @@ def data_prepare(args) -> None:
     print(f"wrote {cfg.out}: {s['num_users']} users, {s['num_items']} items, "
           f"{s['num_interactions']} interactions (sparsity {s['sparsity']:.4f}; dropped "
           f"{s['dropped']}; {sum(s['bad_lines'].values())} bad lines skipped) in {s['seconds']} s")
+    for key, what in (("invalid_utf8_lines", "lines with invalid UTF-8 (read with U+FFFD)"),
+                      ("duplicate_items", "duplicate item records (the first kept)")):
+        for path, count in s.get(key, {}).items():
+            if count:
+                print(f"  {path}: {count} {what}")
 
 
 def data_synth(args) -> None:
@@ -161,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     from gream_fast.index.embed import add_cli as add_embed
 
     p = index.add_parser("stats", help="print an index's size, collisions and trie footprint")
-    p.add_argument("path", type=Path, help="X.index.json (reference format) or .safetensors")
+    p.add_argument("path", type=Path, help="X.index.json (reference format), .safetensors, or "
+                                           "an index folder")
     p.set_defaults(run=index_stats)
     p = index.add_parser("convert", help="convert between X.index.json and .safetensors")
-    p.add_argument("src", type=Path)
+    p.add_argument("src", type=Path, help="X.index.json, .safetensors, or an index folder")
     p.add_argument("dst", type=Path, help="output; .json writes the reference format")
     p.set_defaults(run=index_convert)
     for p in [index.choices["stats"], index.choices["convert"]]:
@@ -186,13 +192,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup runs (temporaries removed)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _warning(message, category, filename, lineno, file=None, line=None):
+    print(f"gream-fast: warning: {message}", file=file or sys.stderr)
+
+
+# Exit codes: 0 done; 1 the machine refused (a file system or memory error); 2 a mistake in the
+# command or its inputs (a GreamError, or argparse's usage errors); 130 Ctrl-C; 143 SIGTERM.
 def main(argv=None) -> int:
+    """Run one command. The one place where errors become messages and exit codes: the
+    command's own errors are GreamErrors raised where the fault is found, naming the file,
+    line, field or flag; what reaches here is printed as one line, never a traceback, except
+    a bug of ours (anything else), whose traceback is what a report needs."""
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    show = warnings.showwarning
+    warnings.showwarning = _warning
     try:
         args.run(args)
+    except Terminated:
+        print("gream-fast: terminated (SIGTERM); outputs are whole or absent, temporaries "
+              "removed", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("gream-fast: interrupted; outputs are whole or absent, temporaries removed",
+              file=sys.stderr)
+        return 130
     except GreamError as e:
         print(f"gream-fast: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no: name the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gream-fast: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("gream-fast: error: out of memory (try smaller batches or inputs)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = show
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

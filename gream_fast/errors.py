@@ -16,3 +16,8 @@ class FormatError(GreamError, ValueError):
 
 class DataError(FormatError):
     """A data file is malformed; the message names the file and line."""
+
+
+class OutputError(GreamError):
+    """An output path that must not or cannot be written (it is an input, holds data the command
+    did not write, sits under a file, is not writable); the message names the path."""
