@@ -1,5 +1,4 @@
 """A prepared dataset folder (`gream-fast data prepare` output) and its leave-one-out split."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -7,7 +6,7 @@ import numba
 import numpy as np
 
 from gream_fast.errors import DataError, InvalidInputError
-from gream_fast.files import read_jsonl
+from gream_fast.files import loads, read_jsonl
 
 
 @dataclass
@@ -64,6 +63,29 @@ def _windows(offsets, items, starts, ends, max_history):
     return user, target, history, length
 
 
+def _history_ok(h) -> bool:
+    return isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1
+
+
+def _read_stats(path) -> dict:
+    """stats.json (optional) as a dict; its max_history, when present, an integer >= 1."""
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected JSON") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    stats = loads(text, str(path))
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    h = stats.get("max_history", 20)
+    if not _history_ok(h):
+        raise DataError(f"{path}: field 'max_history': expected an integer >= 1, got {h!r}")
+    return stats
+
+
 class Dataset:
     """items: list of item records (id, raw_id, title, description, categories, brand[, price]);
     sequences: per user {"user", "user_id", "items", "times"} in time order."""
@@ -81,14 +103,9 @@ class Dataset:
         for name in ("items.jsonl", "sequences.jsonl"):
             if not (d / name).is_file():
                 raise InvalidInputError(f"{d}: no {name} (is this a `gream-fast data prepare` folder?)")
-        items = read_jsonl(d / "items.jsonl")
+        items = read_jsonl(d / "items.jsonl")  # DataError naming file:line for broken JSON
         sequences = read_jsonl(d / "sequences.jsonl")
-        stats = {}
-        if (d / "stats.json").exists():
-            try:
-                stats = json.loads((d / "stats.json").read_text())
-            except json.JSONDecodeError as e:
-                raise DataError(f"{d / 'stats.json'}: not valid JSON ({e.msg})") from None
+        stats = _read_stats(d / "stats.json")
         for name, rows in (("items.jsonl", items), ("sequences.jsonl", sequences)):
             for n, rec in enumerate(rows, 1):
                 if not isinstance(rec, dict):
@@ -100,7 +117,7 @@ class Dataset:
             if s.get("user_id") != n - 1 or not isinstance(s.get("items"), list):
                 raise DataError(f"{d / 'sequences.jsonl'}:{n}: expected user_id {n - 1} and an "
                                 "items list")
-            bad = [i for i in s["items"] if not (isinstance(i, int) and 0 <= i < len(items))]
+            bad = [i for i in s["items"] if not (type(i) is int and 0 <= i < len(items))]
             if bad:
                 raise DataError(f"{d / 'sequences.jsonl'}:{n}: item id {bad[0]!r} is not in "
                                 f"items.jsonl (0..{len(items) - 1})")
@@ -123,9 +140,17 @@ class Dataset:
         """The user's training items: the sequence without its last two (valid, test)."""
         return self.sequences[user]["items"][:-2]
 
+    def _history(self, max_history: int | None) -> int:
+        """max_history, or the dataset's (stats.json, checked by load; default 20)."""
+        h = self.stats.get("max_history", 20) if max_history is None else max_history
+        if not _history_ok(h):
+            raise InvalidInputError(f"max_history: expected an integer >= 1, got {h!r}")
+        # a history is never longer than the longest sequence: no wider buffer than that
+        return int(min(h, max(int(np.diff(self.offsets).max(initial=0)), 1)))
+
     def examples(self, first: int = 1, last_offset: int = 2, max_history: int | None = None) -> Examples:
         """Examples at positions first .. len - last_offset - 1 of every user's sequence."""
-        h = max_history or self.stats.get("max_history", 20)
+        h = self._history(max_history)
         lens = np.diff(self.offsets)
         starts = np.full(len(lens), first, dtype=np.int64)
         return Examples(*_windows(self.offsets, self.flat_items, starts, lens - last_offset, h))
@@ -134,7 +159,7 @@ class Dataset:
         """Leave-one-out: train targets are every position of seq[:-2] after the first; valid
         predicts seq[-2] from what precedes it, test seq[-1]; histories keep the last
         max_history items (default: the dataset's, 20)."""
-        h = max_history or self.stats.get("max_history", 20)
+        h = self._history(max_history)
         lens = np.diff(self.offsets)
         if (lens < 3).any():
             u = int(np.argmax(lens < 3))

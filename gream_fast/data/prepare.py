@@ -11,9 +11,12 @@ from dataclasses import asdict, dataclass, field
 import numba
 import numpy as np
 
-from gream_fast.data.readers import BadLines, RawData, read
+from gream_fast.config import check_ranges
+from gream_fast.data.readers import BadLines, RawData, check_args, read
 from gream_fast.errors import InvalidInputError
-from gream_fast.files import atomic_dir, write_jsonl
+from gream_fast.files import atomic_dir, check_output, write_jsonl
+
+COMMAND = "data prepare"  # recorded in the output folder's marker (files.check_output)
 
 
 @dataclass
@@ -25,6 +28,13 @@ class PrepareConfig:
     max_history: int = 20
     skip_bad_lines: bool = False
     out: str = "data/ml-100k"  # the CLI requires it
+
+    def check(self) -> None:
+        """Refuse bad flags before anything is read or written, naming the flag."""
+        check_ranges(self, at_least={"k_core": 1, "max_history": 1})
+        check_args(self.format, self.input, self.category)
+        if not self.out:
+            raise InvalidInputError("--out: expected a folder path")
 
 
 @dataclass
@@ -84,7 +94,7 @@ def _rank_by_raw_id(codes: np.ndarray, names: list) -> tuple[np.ndarray, list]:
 
 def prepare(raw: RawData, k_core: int = 5) -> Prepared:
     if k_core < 1:
-        raise InvalidInputError(f"k_core: expected >= 1, got {k_core}")
+        raise InvalidInputError(f"--k-core: expected >= 1, got {k_core}")
     n0 = len(raw.users)
     if n0 == 0:
         raise InvalidInputError(f"{raw.files.get('interactions')}: no interactions")
@@ -141,22 +151,24 @@ def prepare(raw: RawData, k_core: int = 5) -> Prepared:
 
 
 def write(p: Prepared, out, raw: RawData | None = None, config: PrepareConfig | None = None) -> None:
-    """Write the dataset folder atomically: all files appear together or not at all."""
-    with atomic_dir(out) as d:
+    """Write the dataset folder atomically: all files appear together or not at all. `out` may
+    be new, empty or an earlier output of this command; anything else is refused (OutputError)."""
+    check_output(out, command=COMMAND, inputs=[config.input] if config else ())
+    with atomic_dir(out, command=COMMAND) as d:
         write_jsonl(d / "items.jsonl", p.items)
         write_jsonl(d / "sequences.jsonl", (
             {"user": p.user_raw[u], "user_id": u,
              "items": p.seq_items[p.offsets[u]:p.offsets[u + 1]].tolist(),
              "times": _times(p.seq_times[p.offsets[u]:p.offsets[u + 1]])}
             for u in range(len(p.user_raw))))
-        (d / "user_ids.json").write_text(json.dumps(p.user_raw, ensure_ascii=False))
-        (d / "item_ids.json").write_text(json.dumps(p.item_raw, ensure_ascii=False))
+        (d / "user_ids.json").write_text(json.dumps(p.user_raw, ensure_ascii=False), "utf-8")
+        (d / "item_ids.json").write_text(json.dumps(p.item_raw, ensure_ascii=False), "utf-8")
         if raw is not None and raw.reviews is not None:
             p.stats["num_reviews"] = _write_reviews(p, raw, d / "reviews.jsonl")
         if config is not None:
             p.stats["max_history"] = config.max_history
             (d / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        (d / "stats.json").write_text(json.dumps(p.stats, indent=2) + "\n")
+        (d / "stats.json").write_text(json.dumps(p.stats, indent=2, allow_nan=False) + "\n")
 
 
 def _times(t: np.ndarray) -> list:
@@ -173,7 +185,7 @@ def _write_reviews(p: Prepared, raw: RawData, path) -> int:
         for i in p.seq_items[p.offsets[u]:p.offsets[u + 1] - 2].tolist():
             train.add((u, i))
     n = 0
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for u_raw, i_raw, text, summary, t in raw.reviews():
             u, i = user_id.get(u_raw), item_id.get(i_raw)
             if u is None or i is None or (u, i) not in train:
@@ -186,12 +198,19 @@ def _write_reviews(p: Prepared, raw: RawData, path) -> int:
 
 
 def run(config: PrepareConfig) -> Prepared:
-    """`gream-fast data prepare`: read, clean, write. Returns what was written."""
+    """`gream-fast data prepare`: check the flags and the output path, read, clean, write.
+    Returns what was written; its stats count, per file, skipped bad lines ("bad_lines"), lines
+    with invalid UTF-8 replaced by U+FFFD ("invalid_utf8_lines") and ignored duplicate item
+    records ("duplicate_items")."""
     t0 = time.perf_counter()
+    config.check()
+    check_output(config.out, command=COMMAND, inputs=[config.input])
     bad = BadLines(skip=config.skip_bad_lines)
     raw = read(config.format, config.input, config.category, bad)
     p = prepare(raw, config.k_core)
-    p.stats["bad_lines"] = bad.counts
+    # the same dicts: a reviews file first read by write() still adds to them
+    p.stats.update(bad_lines=bad.counts, invalid_utf8_lines=bad.replaced,
+                   duplicate_items=bad.duplicates)
     p.stats["seconds"] = round(time.perf_counter() - t0, 3)
     write(p, config.out, raw, config)
     return p

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gream_fast.data.readers import RawData
+from gream_fast.files import atomic_path
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "zo", "ba", "de", "fu", "gi", "ha",
               "ju", "ki", "ma", "no", "pe", "qui", "ra", "si", "tu", "wo", "xa", "ye", "zu"]
@@ -99,12 +100,12 @@ def synthesize(cfg: SynthConfig) -> RawData:
 
 def write_amazon2014(raw: RawData, directory, category: str = "Synthetic") -> None:
     """Write `raw` as Amazon 2014 files: ratings CSV (user,item,rating,time) and metadata as
-    Python-literal dicts, one per line (what McAuley's 2014 dumps look like)."""
+    Python-literal dicts, one per line (what McAuley's 2014 dumps look like). Each file is
+    written whole or not at all (atomic_path), so an interrupted run leaves no half a file."""
     from pathlib import Path
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"ratings_{category}.csv", "w") as f:
+    with atomic_path(d / f"ratings_{category}.csv") as tmp, open(tmp, "w") as f:
         for u, i, t in zip(raw.users, raw.items, raw.times.astype(np.int64).tolist()):
             f.write(f"{u},{i},5.0,{t}\n")
     rng = np.random.default_rng(0)
@@ -116,7 +117,7 @@ def write_amazon2014(raw: RawData, directory, category: str = "Synthetic") -> No
                 "also_viewed": [asins[j] for j in pick[len(pick) // 2:]],
                 "bought_together": [asins[pick[0]]]}
 
-    with open(d / f"meta_{category}.json", "w") as f:
+    with atomic_path(d / f"meta_{category}.json") as tmp, open(tmp, "w") as f:
         for asin, rec in raw.meta.items():
             lit = {"asin": asin, "title": rec["title"], "description": rec["description"],
                    "price": rec.get("price"), "brand": rec["brand"],
