@@ -77,18 +77,18 @@ def test_reads_reference_style_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"0": ["<|a_1|>"], "2": ["<|a_2|>"]}, "key '2': expected item ids 0..1"),
-    ({"0": ["<|a_1|>", "<|c_1|>"]}, r"item \"0\", token 1: '<\|c_1\|>' is not '<\|b_N\|>'"),
-    ({"0": ["<|a_0|>"]}, "with 1 <= N"),
+    ({"0": ["<|a_1|>"], "2": ["<|a_2|>"]}, r"item id '2': expected ids 0..1, one per item \(item \"1\""),
+    ({"0": ["<|a_1|>", "<|c_1|>"]}, r"item \"0\", token 1: \"<\|c_1\|>\" is not '<\|b_N\|>'"),
+    ({"0": ["<|a_0|>"]}, "with N in 1..65536"),
     ({"0": []}, "expected a list of 1 to 25 tokens"),
-    ({"0": ["<|a_1|>"], "1": ["<|a_1|>", "<|b_1|>", "<|c_1|>"]}, "has 3 tokens; expected 1 or 2"),
+    ({"0": ["<|a_1|>"], "1": ["<|a_1|>", "<|b_1|>", "<|c_1|>"]}, r"item \"1\" has 3 tokens; expected 1"),
     ({"0": ["<|a_1|>", "<|b_2|>"], "1": ["<|a_1|>", "<|b_2|>"]}, "items 0 and 1 have the same SID"),
     ([1, 2], "expected a non-empty object"),
     ({"0": ["<|a_1|>", "<|b_1|>"], "1": ["<|a_1|>", "<|b_1|>", "<|c_1|>"]},
      "items 0 and 1 share the codes .* item 0 has no collision level"),
-    ({"0": ["<|a_1|>"], "\u00b2": ["<|a_2|>"]}, "expected item ids 0..1"),
+    ({"0": ["<|a_1|>"], "\u00b2": ["<|a_2|>"]}, "expected ids 0..1"),
     ({"0": [f"<|{chr(97 + j)}_1|>" for j in range(26)]}, "expected a list of 1 to 25 tokens"),
-    ({"0": ["<|a_99999999999999999999999|>"]}, "1 <= N < 10"),
+    ({"0": ["<|a_99999999999999999999999|>"]}, "with N in 1..65536"),
 ])
 def test_bad_index_json(tmp_path, data, message):
     path = tmp_path / "bad.index.json"
@@ -114,7 +114,8 @@ def test_bad_json_syntax(tmp_path):
 def test_codebook_too_small_for_file(tmp_path):
     path = tmp_path / "x.index.json"
     path.write_text(json.dumps({"0": ["<|a_9|>"]}))
-    with pytest.raises(GreamError, match=r"x.index.json: codes\[0, 0\] = 8: expected 0..3"):
+    with pytest.raises(GreamError, match=r"x.index.json: item \"0\", token 0: \"<\|a_9\|>\": "
+                                         r"expected '<\|a_N\|>' with N in 1..4"):
         SemanticIndex.from_index_json(path, codebook_size=4)
 
 

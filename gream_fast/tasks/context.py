@@ -1,31 +1,14 @@
 """What the task builders need from a dataset and an index: SID strings, item texts, and the
 category statistics the template teacher reasons with."""
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import InvalidInputError
-from gream_fast.index.semantic_index import SemanticIndex
+from gream_fast.index.semantic_index import SemanticIndex, load_index  # noqa: F401 (re-exported)
 
 HISTORY_SEP = ", "
-
-
-def load_index(path) -> SemanticIndex:
-    """A SemanticIndex from a folder (index.safetensors or one *.index.json) or a file."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "index.safetensors").exists():
-            return SemanticIndex.load(p / "index.safetensors")
-        found = sorted(p.glob("*.index.json"))
-        if len(found) != 1:
-            raise InvalidInputError(f"{p}: expected index.safetensors or exactly one *.index.json, "
-                                    f"found {len(found)} .index.json files")
-        return SemanticIndex.from_index_json(found[0])
-    if p.name.endswith(".json"):
-        return SemanticIndex.from_index_json(p)
-    return SemanticIndex.load(p)
 
 
 class TaskContext:
