@@ -257,10 +257,9 @@ def _report_md(report: dict, plots: list) -> str:
 
 def run(cfg: DemoConfig) -> dict:
     """Run (or resume) the demo; returns the report written to OUT/report.json."""
-    from gream_fast.files import read_jsonl, write_json, write_jsonl
+    from gream_fast.files import claim_dir, read_jsonl, write_json, write_jsonl
 
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_dir(cfg.out, command="demo", known=("demo_config.json",))
     write_json(run_dir / "demo_config.json", asdict(cfg))
     data, emb, index = run_dir / "ml-100k", run_dir / "emb.safetensors", run_dir / "index"
     align, reason = run_dir / "align.jsonl", run_dir / "reason.jsonl"

@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gream_fast.files import MARKER
 from gream_fast.train.distributed import World, setup, share, split_rows
 from gream_fast.train.sft import SFTConfig, train
 
@@ -304,7 +305,8 @@ def test_srpo_train_two_ranks(tmp_path):
             assert 0 <= m["reward_mean"] <= 1 and np.isfinite(m["loss"]) and m["grad_norm"] >= 0
     assert "valid_recall@10" in metrics[0] and "valid_recall@10" in metrics[2]
     assert sorted(p.name for p in run.iterdir()) == [
-        "best", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl", "srpo_config.json"]
+        MARKER, "best", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl",
+        "srpo_config.json"]
     record = json.loads((run / "best" / "best.json").read_text())
     assert record["step"] == metrics[2]["best_step"]
     start = load_file(tmp_path / "sft" / "final" / "model.safetensors")

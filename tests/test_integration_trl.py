@@ -12,6 +12,7 @@ from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
 from gream_fast.generate import SIDConstraint
 from gream_fast.integrations.core import pad_rows
 from gream_fast.kernels import group_advantage_reference
+from gream_fast.index import SemanticIndex
 from gream_fast.model.tiny import build_tiny
 from gream_fast.train.rewards import ThinkFormat
 
@@ -33,7 +34,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl")
     data, index = make_data_and_index(root)
     _, tok = build_tiny(root / "data", index, root / "model", seed=0, vocab_size=400,
-                        shape=SHAPE)
+                        shape=SHAPE)  # the model records its index (model.index_record)
     return root, data, index, tok
 
 
@@ -190,6 +191,14 @@ def test_bad_inputs(tiny):
         gt.gream_rollout_func(shifted, tok)
     with pytest.raises(GreamError, match="supports trl >= 1.16.0"):
         gt.check_trl_version("1.20.0")
+    # the same SID tokens, another item order: not the index the model was trained with
+    perm = np.random.default_rng(0).permutation(index.num_items)
+    other = SIDConstraint(SemanticIndex(index.codes[perm], index.extra[perm],
+                                        index.codebook_size), tok,
+                          eos_token_id=constraint.eos_token_id)
+    prompts, targets = prompts_and_targets(data, index, tok, 2)
+    with pytest.raises(InvalidInputError, match="is not the index .* allow_index_mismatch"):
+        make_trainer(root, tok, other, prompts, targets, reward=gt.sid_reward_func(other))
     reward = gt.sid_reward_func(constraint)
     sid = constraint.trie.sequences()[0]
     sid = sid[sid >= 0].tolist()

@@ -20,6 +20,7 @@ from gream_fast.generate import SIDConstraint
 from gream_fast.generate.marker import MarkerAutomaton
 from gream_fast.index.semantic_index import SemanticIndex
 from gream_fast.integrations import vllm as gv
+from gream_fast.model.index_record import index_record
 from vllm_driver import MARKER, check_rows, expected_allowed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +228,16 @@ def test_bad_inputs(world, tmp_path):
         gv._mask_from_config(SimpleNamespace(additional_config={}), 4, "cpu")
     mask = gv._mask_from_config(SimpleNamespace(additional_config={
         "gream_constraint": str(world.path)}), 4, "cpu")
+    # a model whose config records another index (model.index_record) is refused
+    index = world.constraint.index
+    other = SemanticIndex(index.codes[::-1].copy(), index.extra[::-1].copy(), index.codebook_size)
+    model = SimpleNamespace(hf_config=SimpleNamespace(gream_index=index_record(other)))
+    with pytest.raises(InvalidInputError, match="is not the index .*gream_allow_index_mismatch"):
+        gv._mask_from_config(SimpleNamespace(additional_config={
+            "gream_constraint": str(world.path)}, model_config=model), 4, "cpu")
+    model.hf_config.gream_index = index_record(index)
+    gv._mask_from_config(SimpleNamespace(additional_config={
+        "gream_constraint": str(world.path)}, model_config=model), 4, "cpu")
     with pytest.raises(InvalidInputError, match=r"logits: expected \[rows, V\] with V >="):
         mask.apply(torch.zeros(4, 10))
     with pytest.raises(InvalidInputError, match="mode"):

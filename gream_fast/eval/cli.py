@@ -6,7 +6,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gream_fast.config import check_ranges
 from gream_fast.errors import FormatError, InvalidInputError
+from gream_fast.model.index_record import INDEX_MISMATCH_HELP, check_pairing
 
 
 @dataclass
@@ -30,6 +32,7 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    allow_index_mismatch: bool = False
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RecommendConfig:
     model: str = ""
     index: str = ""
     history: str = ""
-    top_k: int = 10
+    top_k: int | None = None  # None: num_beams
     num_beams: int = 10
     data: str = ""
     score: str = "full"
@@ -45,6 +48,7 @@ class RecommendConfig:
     dtype: str = "auto"
     max_history: int = 20
     system_prompt: bool = True
+    allow_index_mismatch: bool = False
 
 
 def load_model(path, device: str = "auto", dtype: str = "auto"):
@@ -88,12 +92,20 @@ def parse_ints(text: str, flag: str) -> list:
 def run_eval(cfg: EvalConfig) -> dict:
     from gream_fast.data.dataset import Dataset
     from gream_fast.eval.evaluate import check_mode, evaluate
-    from gream_fast.files import write_json
+    from gream_fast.files import claim_dir, write_json
     from gream_fast.tasks.context import load_index
 
     check_mode(cfg.mode)  # before loading anything
     ks = parse_ints(cfg.ks, "--ks")
+    check_ranges(cfg, at_least={"num_beams": max(ks), "batch_size": 1, "max_history": 1,
+                                "max_users": 0, "think_budget": 0},
+                 fractions=("top_p",))
+    if cfg.out:
+        claim_dir(cfg.out, command="eval", inputs=[cfg.model, cfg.data, cfg.index],
+                  known=tuple(f"eval_{s}_metrics.json" for s in ("test", "valid")))
     data, index = Dataset.load(cfg.data), load_index(cfg.index)
+    check_pairing(cfg.model, index, index_name=f"--index {cfg.index}",
+                  allow_mismatch=cfg.allow_index_mismatch)
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
     metrics = evaluate(model, tokenizer, data, index, cfg.mode, cfg.split, ks, cfg.num_beams,
                        cfg.batch_size, cfg.score, cfg.out or None, max_history=cfg.max_history,
@@ -114,9 +126,15 @@ def run_recommend(cfg: RecommendConfig) -> list:
     from gream_fast.tasks.context import load_index
 
     history = parse_ints(cfg.history, "--history")
-    if cfg.max_history < 1:
-        raise InvalidInputError(f"--max-history: expected >= 1, got {cfg.max_history}")
+    if cfg.top_k is None:
+        cfg.top_k = cfg.num_beams
+    check_ranges(cfg, at_least={"num_beams": 1, "top_k": 1, "max_history": 1})
+    if cfg.top_k > cfg.num_beams:
+        raise InvalidInputError(f"--top-k: expected at most --num-beams ({cfg.num_beams}), got "
+                                f"{cfg.top_k}")
     index = load_index(cfg.index)
+    check_pairing(cfg.model, index, index_name=f"--index {cfg.index}",
+                  allow_mismatch=cfg.allow_index_mismatch)
     bad = [i for i in history if not 0 <= i < index.num_items]
     if bad:
         raise InvalidInputError(f"--history: item {bad[0]} is not in the index "
@@ -153,7 +171,8 @@ def add_cli(subparsers) -> None:
         "dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
         "max_history": "history items in the prompt (the last ones; METHOD.md: 20)",
         "system_prompt": "start the prompt with the alignment tasks' system prompt (as "
-                         "`tasks align` does unless --no-system-prompt)"}
+                         "`tasks align` does unless --no-system-prompt)",
+        "allow_index_mismatch": INDEX_MISMATCH_HELP}
     p = subparsers.add_parser("eval", help="Recall@K / NDCG@K of a model on a dataset split")
     add_fields(p, EvalConfig, required=("model", "data", "index"),
                choices={"mode": MODES, "split": SPLITS, "score": ("full", "sid")},
@@ -180,7 +199,7 @@ def add_cli(subparsers) -> None:
                choices={"score": ("full", "sid")},
                help={**common,
                      "history": "item ids, oldest first, comma-separated (e.g. 3,17,42)",
-                     "top_k": "items to print (at most --num-beams)",
+                     "top_k": "items to print (at most --num-beams; default: all of them)",
                      "data": "a `data prepare` folder: print the items' titles too"})
 
     def recommend_main(args):

@@ -7,9 +7,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gream_fast.files import atomic_dir, save_arrays
+from gream_fast.config import check_ranges
+from gream_fast.errors import InvalidInputError
+from gream_fast.files import atomic_dir, check_output, save_arrays
 from gream_fast.index.embed import load_embeddings, resolve_device
 from gream_fast.index.rq import rq_kmeans, size_bounds
+from gream_fast.index.semantic_index import MAX_CODEBOOK_SIZE
 
 
 @dataclass
@@ -27,6 +30,11 @@ class IndexBuildConfig:
 
 def build(cfg: IndexBuildConfig):
     t0 = time.perf_counter()
+    check_ranges(cfg, at_least={"levels": 1, "codebook_size": 2, "iters": 1})
+    if cfg.codebook_size > MAX_CODEBOOK_SIZE:  # before the clustering, not after it
+        raise InvalidInputError(f"--codebook-size: expected at most {MAX_CODEBOOK_SIZE}, got "
+                                f"{cfg.codebook_size}")
+    check_output(cfg.out, command="index build", inputs=[cfg.emb], known=("index.safetensors",))
     x = load_embeddings(cfg.emb).to(resolve_device(cfg.device))
     result = rq_kmeans(x, cfg.levels, cfg.codebook_size, cfg.balanced, cfg.iters, cfg.seed,
                        allow_tf32=cfg.allow_tf32)
@@ -40,7 +48,7 @@ def build(cfg: IndexBuildConfig):
         "per_level": result.stats, "seconds": round(time.perf_counter() - t0, 3),
         "device": str(x.device),
     }
-    with atomic_dir(cfg.out) as d:
+    with atomic_dir(cfg.out, command="index build") as d:
         index.save(d / "index.safetensors")
         index.to_index_json(d / "items.index.json")
         save_arrays(d / "codebooks.safetensors", {"codebooks": result.codebooks.cpu().numpy()},

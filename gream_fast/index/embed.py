@@ -25,7 +25,7 @@ import torch
 
 from gream_fast.config import add_fields, from_args
 from gream_fast.errors import DataError, FormatError, InvalidInputError
-from gream_fast.files import atomic_path, load_arrays, save_arrays
+from gream_fast.files import atomic_path, check_output, load_arrays, save_arrays
 
 FORMAT, VERSION = "gream-fast.embeddings", 1
 _PARTIAL_FORMAT, _PARTIAL_VERSION = "gream-fast.embeddings-partial", 1
@@ -322,7 +322,7 @@ def embed(cfg: EmbedConfig) -> tuple[torch.Tensor, dict]:
                                 f"and checkpoint_every ({cfg.checkpoint_every}) must be >= 1")
     if not cfg.out:
         raise InvalidInputError("out: an output file is required")
-    out = Path(cfg.out)
+    out = check_output(cfg.out, command="index embed", inputs=[cfg.data], folder=False)
     data = Dataset.load(cfg.data)
     texts, owner, weight = item_texts(data.items, str(Path(cfg.data) / "items.jsonl"))
     path = resolve_encoder(cfg.encoder)

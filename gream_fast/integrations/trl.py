@@ -41,6 +41,7 @@ from gream_fast.generate import sample
 from gream_fast.integrations.core import (check_mode, check_tokenizer, completion_rewards,
                                           prompt_runs)
 from gream_fast.kernels import group_advantage
+from gream_fast.model.index_record import check_pairing
 from gream_fast.model.runner import make_runner
 from gream_fast.train.rewards import ThinkFormat
 
@@ -171,9 +172,12 @@ class SRPOGRPOTrainer(GRPOTrainer):
     of the "dapo" loss normaliser, so the loss is SRPO's token mean over the informative groups
     (what its dynamic sampling trains on) instead of one diluted by the zero-advantage tokens.
     Every reward callable made by sid_reward_func / gated_reward_func, and the rollout_func,
-    is checked against processing_class at construction."""
+    is checked against processing_class at construction, and their constraint's index against
+    the one the model records (model.index_record; allow_index_mismatch turns an error into a
+    warning)."""
 
-    def __init__(self, *args, pass_k: int = 4, skip_zero_variance: bool = True, **kwargs):
+    def __init__(self, *args, pass_k: int = 4, skip_zero_variance: bool = True,
+                 allow_index_mismatch: bool = False, **kwargs):
         check_trl_version()
         if pass_k < 1:
             raise InvalidInputError(f"pass_k: expected a positive integer, got {pass_k}")
@@ -186,6 +190,8 @@ class SRPOGRPOTrainer(GRPOTrainer):
                 continue
             who = getattr(fn, "__name__", "rollout_func")
             check_tokenizer(con, tokenizer, mode=fn.gream_mode, who=who)
+            check_pairing(self.model, con.index, index_name=f"{who}'s constraint",
+                          allow_mismatch=allow_index_mismatch, flag="allow_index_mismatch=True")
             if fn.gream_mode == "direct" and con.eos_token_id not in self.eos_token_ids:
                 raise InvalidInputError(
                     f"{who}: the constraint ends SIDs with token {con.eos_token_id}, which TRL "

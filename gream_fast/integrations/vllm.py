@@ -27,6 +27,7 @@ runner). The classes are built on first access, so importing this module never i
 """
 import importlib.util
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ from gream_fast.errors import FormatError, InvalidInputError
 from gream_fast.generate.constraint import SIDConstraint
 from gream_fast.generate.marker import MarkerAutomaton
 from gream_fast.index.tokens import sid_token_table
+from gream_fast.model.index_record import check_pairing
 
 MODE_KEY = "gream_mode"  # SamplingParams.extra_args key: the request's mode
 CONFIG_KEY = "gream_constraint"  # vllm_config.additional_config key: the constraint file
+ALLOW_KEY = "gream_allow_index_mismatch"  # additional_config key: run with another index
 OFF, DIRECT, REASONING = 0, 1, 2  # a slot's mode
 WAIT, SID, DONE = 0, 1, 2  # a slot's phase: before the marker, in the SID, past the end token
 _CODES = {None: OFF, "direct": DIRECT, "reasoning": REASONING}
@@ -230,6 +233,13 @@ def _mask_from_config(vllm_config, num_slots: int, device) -> TrieMask:
             f"gream_fast.integrations.vllm.save_constraint, got {path!r} (pass "
             f'additional_config={{"{CONFIG_KEY}": path}} to vllm.LLM)')
     constraint, automaton = load_constraint(path)  # host copy: TrieMask keeps its own arrays
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    if hf_config is not None:  # the model's own record of its index (model.index_record)
+        allow = bool((extra.get(ALLOW_KEY) if isinstance(extra, dict)
+                      else getattr(extra, ALLOW_KEY, None)))
+        check_pairing(SimpleNamespace(config=hf_config), constraint.index,
+                      index_name=f'additional_config["{CONFIG_KEY}"] {path}',
+                      allow_mismatch=allow, flag=f'additional_config["{ALLOW_KEY}"]=True')
     return TrieMask(constraint, num_slots, automaton, device)
 
 

@@ -89,13 +89,15 @@ def build_tiny(data_dir, index, out_dir=None, seed: int = 0, *, vocab_size: int 
     """(model, tokenizer): a Qwen3ForCausalLM of TINY_SIZES[size] (fields overridable with
     `shape`) with random float32 weights drawn from `seed`, and a tokenizer trained on the
     dataset at `data_dir` (a `data prepare` folder or a Dataset) with `vocab_size` BPE tokens,
-    then the SID tokens of `index` (a SemanticIndex or its path) added with contiguous ids.
+    then the SID tokens of `index` (a SemanticIndex or its path) added with contiguous ids and
+    the index recorded in the model's config (model.index_record).
     Saved to `out_dir` (safetensors + tokenizer files) when given. The global torch RNG is left
     untouched."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from gream_fast.data.dataset import Dataset
     from gream_fast.index.tokens import add_sid_tokens
+    from gream_fast.model.index_record import attach
     from gream_fast.tasks.context import load_index
 
     if size not in TINY_SIZES:
@@ -118,6 +120,7 @@ def build_tiny(data_dir, index, out_dir=None, seed: int = 0, *, vocab_size: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    attach(model, index)  # the index it was built for (model.index_record)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if out_dir is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import DataError, InvalidInputError
-from gream_fast.files import iter_jsonl, write_json, write_jsonl
+from gream_fast.files import check_output, iter_jsonl, write_json, write_jsonl
 from gream_fast.tasks.context import TaskContext, load_index, rng_for
 from gream_fast.tasks.templates import SYSTEM_PROMPT, TEMPLATES
 
@@ -146,6 +146,7 @@ def _needs(template) -> list:
 
 
 def run(cfg: AlignConfig) -> list:
+    check_output(cfg.out, command="tasks align", inputs=[cfg.data, cfg.index], folder=False)
     data = Dataset.load(cfg.data)
     ctx = TaskContext(data, load_index(cfg.index))
     profiles = {}

@@ -63,18 +63,20 @@ class ChatEncoder:
         """One row -> {"input_ids": list[int], "labels": list[int]}; `index` names it in errors."""
         return self.encode_many([row], start=index)[0]
 
-    def encode_many(self, rows, start: int = 0) -> list[dict]:
-        """Rows -> examples, tokenized in batches; row i is named `start + i` in errors."""
+    def encode_many(self, rows, start: int = 0, names=None) -> list[dict]:
+        """Rows -> examples, tokenized in batches. Errors name row i by names[i] (e.g. its
+        file:line), by default "row {start + i}"."""
         self._refresh_added()
-        convs = [_messages(row, i) for i, row in enumerate(rows, start)]
-        texts = [self._render(msgs, i) for i, (msgs, _) in enumerate(convs, start)]
-        pairs = self._tokenize_pairs([p for p, _ in texts], [r for _, r in texts], start)
+        names = names or [f"row {i}" for i in range(start, start + len(rows))]
+        convs = [_messages(row, name) for name, row in zip(names, rows)]
+        texts = [self._render(msgs, name) for name, (msgs, _) in zip(names, convs)]
+        pairs = self._tokenize_pairs([p for p, _ in texts], [r for _, r in texts], names)
         out = []
-        for i, ((msgs, user), (_, response_text), (prompt, response)) in enumerate(
-                zip(convs, texts, pairs), start):
+        for name, (msgs, user), (_, response_text), (prompt, response) in zip(
+                names, convs, texts, pairs):
             if len(prompt) + len(response) > self.max_length:
-                prompt_text = self._truncated_prompt(msgs, user, len(prompt), len(response), i)
-                prompt, response = self._tokenize_pairs([prompt_text], [response_text], i)[0]
+                prompt_text = self._truncated_prompt(msgs, user, len(prompt), len(response), name)
+                prompt, response = self._tokenize_pairs([prompt_text], [response_text], [name])[0]
                 self.num_truncated += 1
             out.append({"input_ids": prompt + response, "labels": self._labels(prompt, response)})
         return out
@@ -88,14 +90,14 @@ class ChatEncoder:
         return pack(examples, seq_len, self.pad_id)
 
     # -- rendering and tokenization -----------------------------------------------------------
-    def _render(self, messages, index) -> tuple[str, str]:
+    def _render(self, messages, name) -> tuple[str, str]:
         """Prompt text (up to the generation prompt) and response text of one conversation."""
         kw = dict(tokenize=False, chat_template=self.chat_template)
         prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, **kw)
         full = self.tokenizer.apply_chat_template(messages, **kw)
         if not full.startswith(prompt):
             raise InvalidInputError(
-                f"row {index}: the chat template renders the conversation so that it does not "
+                f"{name}: the chat template renders the conversation so that it does not "
                 "start with the rendered prompt (add_generation_prompt=True); cannot tell the "
                 "response apart")
         return prompt, full[len(prompt):]
@@ -109,7 +111,7 @@ class ChatEncoder:
             return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _tokenize_pairs(self, prompts, responses, start) -> list[tuple[list[int], list[int]]]:
+    def _tokenize_pairs(self, prompts, responses, names) -> list[tuple[list[int], list[int]]]:
         """Prompt and response ids, tokenized apart yet equal to the tokens of prompt + response.
 
         Tokenizers cut added (special) tokens out of the text before BPE, so a merge across the
@@ -121,10 +123,10 @@ class ChatEncoder:
         joined = self._tokenize([tail + r for (tail, _), r in zip(tails, responses)])
         out = []
         rows = zip(prompt_ids, tails, joined, responses)
-        for i, (ids, (_, k), both, response) in enumerate(rows, start):
+        for name, (ids, (_, k), both, response) in zip(names, rows):
             if both[:k] != ids[len(ids) - k:]:
                 raise InvalidInputError(
-                    f"row {i}: a BPE merge crosses the prompt/response boundary (response text "
+                    f"{name}: a BPE merge crosses the prompt/response boundary (response text "
                     f"starts {response[:20]!r}); strip leading whitespace from the response, or "
                     "use a chat template whose generation prompt ends at a token boundary")
             out.append((ids, both[k:]))
@@ -167,20 +169,20 @@ class ChatEncoder:
         return next((i for i in after if i in self._added), None)
 
     # -- truncation ---------------------------------------------------------------------------
-    def _truncated_prompt(self, messages, user, prompt_len, response_len, index) -> str:
+    def _truncated_prompt(self, messages, user, prompt_len, response_len, name) -> str:
         """The prompt text with the user message cut from the left until the row fits: whole
         history entries first (oldest first, the newest is kept), then tokens. The response and
         the template's framing are never cut."""
         if self.truncate == "error":
             raise InvalidInputError(
-                f"row {index}: {prompt_len} prompt + {response_len} response tokens exceed "
+                f"{name}: {prompt_len} prompt + {response_len} response tokens exceed "
                 f"max_length={self.max_length}")
         budget = self.max_length - response_len
 
         def render(content):
             msgs = list(messages)
             msgs[user] = {**messages[user], "content": content}
-            return self._render(msgs, index)[0]
+            return self._render(msgs, name)[0]
 
         def fits(content):
             return len(self._tokenize([render(content)])[0]) <= budget
@@ -188,7 +190,7 @@ class ChatEncoder:
         if not fits(""):
             framing = len(self._tokenize([render("")])[0])
             raise InvalidInputError(
-                f"row {index}: does not fit max_length={self.max_length} even with an empty user "
+                f"{name}: does not fit max_length={self.max_length} even with an empty user "
                 f"message: {framing} prompt tokens of template and other messages + "
                 f"{response_len} response tokens")
         content = messages[user]["content"]
@@ -207,23 +209,23 @@ class ChatEncoder:
         return render(content[cuts[j]:])  # the last cut leaves "", which fits
 
 
-def _messages(row, index) -> tuple[list[dict], int]:
+def _messages(row, name) -> tuple[list[dict], int]:
     """A row's messages, checked, and the position of the last user message."""
     msgs = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(msgs, list) or len(msgs) < 2:
-        raise InvalidInputError(f"row {index}: expected 'messages', a list with at least a user "
+        raise InvalidInputError(f"{name}: expected 'messages', a list with at least a user "
                                 "and an assistant message")
     for j, m in enumerate(msgs):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str)):
-            raise InvalidInputError(f"row {index}: messages[{j}]: expected {{'role': str, "
+            raise InvalidInputError(f"{name}: messages[{j}]: expected {{'role': str, "
                                     f"'content': str}}, got {m!r:.80}")
     if msgs[-1]["role"] != "assistant":
-        raise InvalidInputError(f"row {index}: the last message must be the assistant's response, "
+        raise InvalidInputError(f"{name}: the last message must be the assistant's response, "
                                 f"got role {msgs[-1]['role']!r}")
     user = next((j for j in range(len(msgs) - 2, -1, -1) if msgs[j]["role"] == "user"), None)
     if user is None:
-        raise InvalidInputError(f"row {index}: no user message before the response")
+        raise InvalidInputError(f"{name}: no user message before the response")
     return msgs, user
 
 

@@ -55,8 +55,9 @@ def read_rows(path) -> list:
 
 
 def run(align_path, reason_path, out, seed: int = 0) -> int:
-    from gream_fast.files import write_jsonl
+    from gream_fast.files import check_output, write_jsonl
 
+    check_output(out, command="tasks mix", inputs=[align_path, reason_path], folder=False)
     rows = mix(read_rows(align_path), read_rows(reason_path), seed)
     write_jsonl(out, rows)
     return len(rows)

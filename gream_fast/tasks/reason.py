@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gream_fast.data.dataset import Dataset
 from gream_fast.errors import InvalidInputError
-from gream_fast.files import write_json, write_jsonl
+from gream_fast.files import check_output, write_json, write_jsonl
 from gream_fast.tasks.align import row
 from gream_fast.tasks.context import HISTORY_SEP, TaskContext, load_index, rng_for
 from gream_fast.tasks.teacher import RECENCY, make_teacher
@@ -83,6 +83,7 @@ def build_reasoning(ctx: TaskContext, teacher, cfg: ReasonConfig) -> tuple[list,
 
 
 def run(cfg: ReasonConfig) -> tuple[list, dict]:
+    check_output(cfg.out, command="tasks reason", inputs=[cfg.data, cfg.index], folder=False)
     data = Dataset.load(cfg.data)
     ctx = TaskContext(data, load_index(cfg.index))
     teacher = make_teacher(cfg.teacher, Path(cfg.data) / f".teacher-{cfg.teacher}.cache.jsonl")

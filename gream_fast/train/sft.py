@@ -35,20 +35,26 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from gream_fast.config import check_ranges
 from gream_fast.errors import DataError, FormatError, InvalidInputError
-from gream_fast.files import atomic_dir, atomic_path, write_json
+from gream_fast.files import atomic_dir, atomic_path, check_output, claim_dir, write_json
 from gream_fast.tasks.chat import IGNORE_INDEX
 from gream_fast.train.loss import chunked_cross_entropy
 
 STATE_FORMAT, STATE_VERSION = "gream-fast-sft", 1
 TINY_LR, MODEL_LR = 1e-3, 2e-5  # lr = 0 picks these
-# fields that may change between a run and its --resume without changing the result
-RESUMABLE = {"resume", "save_every", "keep_checkpoints", "log_every", "stop_after", "device"}
+# fields that may change between a run and its --resume without changing the result: run
+# control, the run folder itself (it may be moved), the starting points, which the checkpoint
+# replaces, and the data and index, which are checked by content (data stats, fingerprint)
+RESUMABLE = {"resume", "save_every", "keep_checkpoints", "log_every", "stop_after", "device",
+             "out", "model", "init", "data_dir", "data", "index"}
+PATH_FIELDS = {"model", "data", "index", "data_dir", "out"}  # compared as resolved paths
 SID_TOKEN = re.compile(r"<\|[a-z]_\d+\|>")
 
 
@@ -63,7 +69,7 @@ class SFTConfig:
     seq_len: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 0.0
+    lr: float | None = None  # None: TINY_LR with --init tiny, MODEL_LR with --model
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     warmup_steps: int = 10
@@ -106,7 +112,8 @@ HELP = {
     "seq_len": "tokens per packed row; longer examples lose the oldest history (left truncation)",
     "batch_size": "packed rows per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
-    "lr": f"peak learning rate (0: {TINY_LR:g} with --init tiny, {MODEL_LR:g} with --model)",
+    "lr": f"peak learning rate (default: {TINY_LR:g} with --init tiny, {MODEL_LR:g} with "
+          "--model)",
     "min_lr_ratio": "the cosine decays to this fraction of --lr",
     "warmup_steps": "linear warm-up steps",
     "epochs": "passes over the data (ignored when --max-steps > 0)",
@@ -129,7 +136,7 @@ HELP = {
 
 # -- configuration ----------------------------------------------------------------------------
 def check_config(cfg: SFTConfig) -> SFTConfig:
-    """Validate `cfg` (before anything is loaded) and resolve lr = 0."""
+    """Validate `cfg` (before anything is loaded) and resolve the default lr."""
     if bool(cfg.model) == bool(cfg.init):
         raise InvalidInputError("--model / --init: give exactly one (a Hugging Face model folder, "
                                 f"or --init tiny); got model={cfg.model!r}, init={cfg.init!r}")
@@ -151,21 +158,22 @@ def check_config(cfg: SFTConfig) -> SFTConfig:
                                 "dataset whose texts the tokenizer learns)")
     if cfg.model and not (Path(cfg.model) / "config.json").is_file():
         raise FormatError(f"--model {cfg.model}: not a Hugging Face model folder (no config.json)")
-    for name, low in [("seq_len", 8), ("batch_size", 1), ("grad_accum", 1), ("epochs", 1),
-                      ("log_every", 1), ("vocab_size", 260)]:
-        if getattr(cfg, name) < low:
-            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= {low}, "
-                                    f"got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay", "warmup_steps", "max_steps", "clip", "save_every",
-                 "keep_checkpoints", "stop_after", "chunk"):
-        if getattr(cfg, name) < 0:
-            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= 0, "
-                                    f"got {getattr(cfg, name)}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise InvalidInputError(f"--min-lr-ratio: expected 0..1, got {cfg.min_lr_ratio}")
-    if cfg.lr == 0:
+    check_ranges(cfg, at_least={"seq_len": 8, "batch_size": 1, "grad_accum": 1, "epochs": 1,
+                                "log_every": 1, "vocab_size": 260, **dict.fromkeys(
+                                    ("weight_decay", "warmup_steps", "max_steps", "clip",
+                                     "save_every", "keep_checkpoints", "stop_after", "chunk"),
+                                    0)},
+                 positive=() if cfg.lr is None else ("lr",), fractions=("min_lr_ratio",))
+    if cfg.lr is None:
         cfg.lr = TINY_LR if cfg.init == "tiny" else MODEL_LR
+    check_output(cfg.out, **run_folder(cfg))
     return cfg
+
+
+def run_folder(cfg: SFTConfig) -> dict:
+    """check_output / claim_dir's arguments for the run folder --out."""
+    return dict(command="train sft", inputs=[cfg.data, cfg.model, cfg.index, cfg.data_dir],
+                known=("sft_config.json",))
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -207,15 +215,23 @@ def load_pretrained(path, device, index=None):
 
 
 def build_model(cfg: SFTConfig, device):
+    """(model, tokenizer) to start from; with --index, the SID tokens added and the index
+    recorded in the model's config (model.index_record; --model without --index keeps what
+    its folder records)."""
+    from gream_fast.model.index_record import attach
     from gream_fast.tasks.context import load_index
 
     index = load_index(cfg.index) if cfg.index else None
     if cfg.init == "tiny":
         from gream_fast.model.tiny import build_tiny
 
-        return build_tiny(cfg.data_dir, index, seed=cfg.seed, vocab_size=cfg.vocab_size,
-                          size=cfg.tiny_size)
-    return load_pretrained(cfg.model, device, index)
+        model, tokenizer = build_tiny(cfg.data_dir, index, seed=cfg.seed,
+                                      vocab_size=cfg.vocab_size, size=cfg.tiny_size)
+    else:
+        model, tokenizer = load_pretrained(cfg.model, device, index)
+    if index is not None:
+        attach(model, index)
+    return model, tokenizer
 
 
 def _lm_head_weight(model) -> torch.Tensor:
@@ -227,13 +243,20 @@ def _lm_head_weight(model) -> torch.Tensor:
 
 
 # -- data -------------------------------------------------------------------------------------
-def load_rows(path) -> list:
-    from gream_fast.tasks.curriculum import read_rows
+def load_rows(path) -> tuple[list, list]:
+    """(rows, names): the SFT rows of a JSONL file and each one's "FILE:LINE" for errors."""
+    from gream_fast.files import iter_jsonl
 
-    rows = [json.loads(line) for line in read_rows(path)]
+    rows, names = [], []
+    for n, _, value in iter_jsonl(path):
+        if not (isinstance(value, dict) and isinstance(value.get("messages"), list)):
+            raise DataError(f"{path}:{n}: expected a JSON object with a 'messages' list, got "
+                            f"{type(value).__name__}")
+        rows.append(value)
+        names.append(f"{path}:{n}")
     if not rows:
         raise DataError(f"{path}: no rows")
-    return rows
+    return rows, names
 
 
 def check_sid_vocab(tokenizer, rows, cfg: SFTConfig) -> None:
@@ -241,7 +264,10 @@ def check_sid_vocab(tokenizer, rows, cfg: SFTConfig) -> None:
     vocab = tokenizer.get_vocab()
     for row in rows[:200]:
         for m in row["messages"]:
-            missing = [t for t in SID_TOKEN.findall(m.get("content", "")) if t not in vocab]
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(content, str):
+                continue  # a malformed message: the encoder names its row
+            missing = [t for t in SID_TOKEN.findall(content) if t not in vocab]
             if missing:
                 raise InvalidInputError(
                     f"--model {cfg.model}: its tokenizer has no token {missing[0]!r}, used in "
@@ -276,10 +302,10 @@ def label_prompt_sids(packed: dict, sid_ids: torch.Tensor) -> dict:
 
 
 def encode_and_pack(rows, tokenizer, seq_len: int, progress: bool = True,
-                    history_loss: bool = False) -> tuple[dict, dict]:
+                    history_loss: bool = False, names=None) -> tuple[dict, dict]:
     """Rows -> packed tensors (gream_fast.tasks.chat.pack) with `shift_labels`: the label each
     position predicts (the next token's, -100 across example boundaries and on padding); with
-    history_loss, the prompts' SID tokens are labels too."""
+    history_loss, the prompts' SID tokens are labels too. names: each row's name in errors."""
     from tqdm.auto import tqdm
 
     from gream_fast.tasks.chat import ChatEncoder
@@ -288,7 +314,8 @@ def encode_and_pack(rows, tokenizer, seq_len: int, progress: bool = True,
     examples, step = [], 512
     with tqdm(total=len(rows), desc="encode", unit="row", disable=not progress, leave=False) as bar:
         for start in range(0, len(rows), step):
-            examples += encoder.encode_many(rows[start:start + step], start=start)
+            examples += encoder.encode_many(rows[start:start + step], start=start,
+                                            names=names and names[start:start + step])
             bar.update(min(step, len(rows) - start))
     packed = encoder.pack(examples, seq_len)
     if history_loss:
@@ -407,6 +434,47 @@ def save_model(model, tokenizer, folder, state: dict | None = None) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def checkpoint_problem(path: Path, fmt: str = STATE_FORMAT) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (a missing or unreadable trainer
+    state, a safetensors file that is truncated or not one), or None when it is intact."""
+    from safetensors import safe_open
+
+    try:
+        load_trainer_state(path, fmt)
+    except FormatError as e:
+        return str(e)
+    weights = sorted(path.glob("model*.safetensors"))
+    for f in [*weights, path / "optimizer.safetensors", path / "rng.safetensors"]:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' own error types; OSError for a missing file
+            return f"{f.name}: {e}"
+    return None if weights else "no model*.safetensors"
+
+
+def resume_point(run_dir: Path, resume: bool, fmt: str = STATE_FORMAT):
+    """(checkpoint, its trainer state) to go on from, or (None, None) for a fresh run. With
+    resume, the newest intact checkpoint of run_dir: a newer one that cannot be read (a write
+    cut short by a full disk, a damaged copy) is skipped and named in a warning, so the run
+    never stops on it nor silently loses steps. Checkpoints without resume are refused."""
+    found = _checkpoints(run_dir) if run_dir.is_dir() else []
+    if found and not resume:
+        raise InvalidInputError(f"--out {run_dir}: holds checkpoints of an earlier run; pass "
+                                "--resume to continue it, or choose another folder")
+    skipped = []
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path, fmt)
+        if problem is None:
+            if skipped:
+                warnings.warn(f"--resume: skipped {'; '.join(skipped)}; resuming from {path}")
+            return path, load_trainer_state(path, fmt)
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        raise FormatError(f"--resume: no intact checkpoint in {run_dir}: {'; '.join(skipped)}")
+    return None, None
+
+
 def load_trainer_state(path: Path, fmt: str = STATE_FORMAT) -> dict:
     f = path / "trainer_state.json"
     try:
@@ -453,11 +521,17 @@ def restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _same(name: str, a, b) -> bool:
+    if name in PATH_FIELDS and a and b:  # "runs/x" and "/home/u/runs/x" are one folder
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
 def _check_resume_config(saved: dict, cfg, path: Path, resumable=RESUMABLE) -> None:
     for f in fields(cfg):
         if f.name in resumable or f.name not in saved:
             continue
-        if saved[f.name] != getattr(cfg, f.name):
+        if not _same(f.name, saved[f.name], getattr(cfg, f.name)):
             raise InvalidInputError(
                 f"--resume: --{f.name.replace('_', '-')} is {getattr(cfg, f.name)!r} but the run "
                 f"in {path} was started with {saved[f.name]!r}; resume with the same settings")
@@ -495,18 +569,17 @@ def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
     from gream_fast.train import distributed
 
     run_dir = Path(cfg.out)
-    found = _checkpoints(run_dir) if run_dir.is_dir() else []
-    if found and not cfg.resume:
-        raise InvalidInputError(f"--out {run_dir}: holds checkpoints of an earlier run; pass "
-                                "--resume to continue it, or choose another folder")
-    resume_from = found[-1][1] if (found and cfg.resume) else None
-    rows = load_rows(cfg.data)
+    resume_from, state = resume_point(run_dir, cfg.resume)
+    rows, names = load_rows(cfg.data)
     torch.manual_seed(cfg.seed)
-    state = None
     if resume_from is not None:
-        state = load_trainer_state(resume_from)
         _check_resume_config(state["config"], cfg, resume_from)
         model, tokenizer = load_pretrained(resume_from, device)
+        if cfg.index:  # the path may differ; the index may not
+            from gream_fast.model.index_record import check_pairing
+            from gream_fast.tasks.context import load_index
+
+            check_pairing(model, load_index(cfg.index), index_name=f"--index {cfg.index}")
     else:
         model, tokenizer = build_model(cfg, device)
         if cfg.model:
@@ -518,7 +591,7 @@ def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
     loss_fn = distributed.shard_model(model, world, packed_loss)  # packed_loss bound to model
 
     packed, data_stats = encode_and_pack(rows, tokenizer, cfg.seq_len, progress,
-                                         cfg.history_loss)
+                                         cfg.history_loss, names)
     n_rows = data_stats["packed_rows"]
     per_epoch = -(-n_rows // cfg.batch_size)  # micro-batches per epoch
     total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else cfg.epochs * per_epoch
@@ -538,7 +611,7 @@ def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
         step = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_dir(run_dir, **run_folder(cfg))
         write_json(run_dir / "sft_config.json", {**asdict(cfg), "total_steps": total_steps,
                                                  "data_stats": data_stats})
         _truncate_metrics(metrics_path, step)

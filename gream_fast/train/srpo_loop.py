@@ -45,12 +45,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gream_fast.config import check_ranges
 from gream_fast.errors import FormatError, InvalidInputError
+from gream_fast.files import check_output, claim_dir
+from gream_fast.model.index_record import INDEX_MISMATCH_HELP
 from gream_fast.train.sft import RUN_HELP
 
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
-RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device"}
+# as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
+RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
+             "index", "allow_index_mismatch"}
 
 
 @dataclass
@@ -83,6 +88,7 @@ class SRPOConfig:
     eval_users: int = 200
     best_metric: str = "recall@10"
     bf16: bool = True
+    allow_index_mismatch: bool = False
 
 
 HELP = {
@@ -115,6 +121,7 @@ HELP = {
     "eval_users": "validation users evaluated (the first ones; 0: all)",
     "bf16": "bfloat16 autocast of the log-prob passes on CUDA (float32 master weights); CPU "
             "always runs float32",
+    "allow_index_mismatch": INDEX_MISMATCH_HELP,
     "best_metric": "with --eval-every: best/ keeps the policy with the highest validation value "
                    "of this metric (recall@K or ndcg@K; ties: ndcg@10, then the earlier step)",
 }
@@ -134,23 +141,24 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
         raise InvalidInputError(f"--data {cfg.data}: no such folder (a `data prepare` output)")
     if not Path(cfg.index).exists():
         raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
-    for name, low in [("steps", 1), ("prompts_per_step", 1), ("n", 1), ("max_draws", 1),
-                      ("max_history", 1), ("eval_users", 0), ("think_budget", 0)]:
-        if getattr(cfg, name) < low:
-            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= {low}, "
-                                    f"got {getattr(cfg, name)}")
-    for name in ("lr", "warmup_steps", "weight_decay", "beta", "clip_grad", "save_every",
-                 "keep_checkpoints", "stop_after", "eval_every"):
-        if getattr(cfg, name) < 0:
-            raise InvalidInputError(f"--{name.replace('_', '-')}: expected >= 0, "
-                                    f"got {getattr(cfg, name)}")
-    if cfg.temperature <= 0:
-        raise InvalidInputError(f"--temperature: expected > 0, got {cfg.temperature}")
+    check_ranges(cfg, at_least={"steps": 1, "prompts_per_step": 1, "n": 1, "max_draws": 1,
+                                "max_history": 1, "eval_users": 0, "think_budget": 0,
+                                **dict.fromkeys(("warmup_steps", "weight_decay", "beta",
+                                                 "clip_grad", "save_every", "keep_checkpoints",
+                                                 "stop_after", "eval_every"), 0)},
+                 positive=("lr", "temperature"))
+    check_output(cfg.out, **run_folder(cfg))
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
                                 f"got {cfg.best_metric!r}")
     return cfg
+
+
+def run_folder(cfg: SRPOConfig) -> dict:
+    """check_output / claim_dir's arguments for the run folder --out."""
+    return dict(command="train srpo", inputs=[cfg.data, cfg.model, cfg.index],
+                known=("srpo_config.json",))
 
 
 def model_dir(path) -> Path:
@@ -169,9 +177,11 @@ def model_dir(path) -> Path:
                       "training run (no final/ or checkpoint-STEP/)")
 
 
-def load_policy(path, index, device):
-    """(model, tokenizer) on `device`, checking the tokenizer has the SID tokens of `index`."""
+def load_policy(path, index, device, allow_index_mismatch: bool = False):
+    """(model, tokenizer) on `device`, checking the tokenizer has the SID tokens of `index` and
+    the model was trained with `index` (model.index_record); the index is recorded in it."""
     from gream_fast.index.tokens import sid_token_table
+    from gream_fast.model.index_record import attach, check_pairing
     from gream_fast.train.sft import load_pretrained
 
     model, tokenizer = load_pretrained(path, device)
@@ -180,6 +190,8 @@ def load_policy(path, index, device):
     except InvalidInputError as e:
         raise InvalidInputError(f"--model {path}: {e} (SRPO starts from an SFT'd model whose "
                                 "tokenizer has the SID tokens)") from None
+    check_pairing(model, index, allow_mismatch=allow_index_mismatch)
+    attach(model, index)
     return model.to(device), tokenizer
 
 
@@ -327,10 +339,9 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
     from gream_fast.model.runner import supports
     from gream_fast.tasks.context import load_index
     from gream_fast.train import distributed
-    from gream_fast.train.sft import (_check_resume_config, _checkpoints, _truncate_metrics,
-                                      load_trainer_state, lr_factor, make_optimizer,
-                                      restore_optimizer, restore_rng, save_checkpoint,
-                                      save_model)
+    from gream_fast.train.sft import (_check_resume_config, _truncate_metrics, lr_factor,
+                                      make_optimizer, restore_optimizer, restore_rng,
+                                      resume_point, save_checkpoint, save_model)
     from gream_fast.train.srpo import SRPOStepConfig, response_logprobs, srpo_step
     from gream_fast.train.srpo_loss import SRPOLossConfig
 
@@ -338,11 +349,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
         raise InvalidInputError(f"--prompts-per-step: {cfg.prompts_per_step} prompts cannot be "
                                 f"shared by {world.size} processes (expected >= the world size)")
     run_dir = Path(cfg.out)
-    found = _checkpoints(run_dir) if run_dir.is_dir() else []
-    if found and not cfg.resume:
-        raise InvalidInputError(f"--out {run_dir}: holds checkpoints of an earlier run; pass "
-                                "--resume to continue it, or choose another folder")
-    resume_from = found[-1][1] if (found and cfg.resume) else None
+    resume_from, state = resume_point(run_dir, cfg.resume, STATE_FORMAT)
     start_dir = model_dir(cfg.model)
     dataset = Dataset.load(cfg.data)
     index = load_index(cfg.index)
@@ -353,10 +360,8 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
     data_stats = {"instances": len(instances), "items": dataset.num_items}
     torch.manual_seed(cfg.seed)
 
-    ref, tokenizer = load_policy(start_dir, index, device)
-    state = None
+    ref, tokenizer = load_policy(start_dir, index, device, cfg.allow_index_mismatch)
     if resume_from is not None:
-        state = load_trainer_state(resume_from, STATE_FORMAT)
         _check_resume_config(state["config"], cfg, resume_from, RESUMABLE)
         if state["data"] != data_stats:
             raise InvalidInputError(f"--resume: --data {cfg.data} now gives {data_stats}, the run "
@@ -388,7 +393,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
         step = state["step"]
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_dir(run_dir, **run_folder(cfg))
         write_json(run_dir / "srpo_config.json", {**asdict(cfg), "start_model": str(start_dir),
                                                   "data_stats": data_stats})
         _truncate_metrics(metrics_path, step)
