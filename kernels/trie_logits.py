@@ -286,7 +286,7 @@ def trie_topk(logits: torch.Tensor, nodes: torch.Tensor, indptr: torch.Tensor,
 
 def sample_children(scores: torch.Tensor, token_ids: torch.Tensor, child_nodes: torch.Tensor,
                     temperature: float = 1.0, top_p: float = 1.0,
-                    generator: torch.Generator | None = None):
+                    generator: torch.Generator | None = None, check: bool = True):
     """Sample one child per row from the children's distribution renormalised over the children.
 
     Inputs are trie_topk's outputs (call it with k = max_children to see every child). Over the
@@ -296,7 +296,8 @@ def sample_children(scores: torch.Tensor, token_ids: torch.Tensor, child_nodes: 
     `generator` must live on the scores' device. Returns (slot int64 [R], token int64 [R],
     child int32 [R], logprob float32 [R]) where logprob is the chosen slot's score, the
     full-row log-softmax (not renormalised over the children, no temperature). A row with no
-    valid slot raises InvalidInputError (one host sync)."""
+    valid slot raises InvalidInputError (one host sync; check=False skips it, for loops that
+    keep every row on a live node and must not wait for the host)."""
     if scores.dim() != 2 or not scores.is_floating_point() or scores.shape[1] == 0:
         raise InvalidInputError(f"scores: expected a float [R, k] tensor with k >= 1, got "
                                 f"{scores.dtype} of shape {list(scores.shape)}")
@@ -319,7 +320,7 @@ def sample_children(scores: torch.Tensor, token_ids: torch.Tensor, child_nodes: 
     s = scores.float()
     valid = (token_ids >= 0) & torch.isfinite(s)
     has = valid.any(1)
-    if not bool(has.all()):
+    if check and not bool(has.all()):
         bad = torch.nonzero(~has)[0].item()
         raise InvalidInputError(f"scores[{bad}]: no child to sample (a dead row, or every child "
                                 "has score -inf); sample only live rows")

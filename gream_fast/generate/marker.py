@@ -86,6 +86,18 @@ class MarkerAutomaton:
         return cls(marker, torch.from_numpy(transition_table(marker, list(texts)))).to(device)
 
     @classmethod
+    def from_ids(cls, ids, vocab_size: int, device="cpu") -> "MarkerAutomaton":
+        """Of a marker given as token ids (no tokenizer): accepted when these ids appear in a
+        row, exactly. Each distinct id stands for one private-use character, every other token
+        for a character outside the marker."""
+        ids = [int(i) for i in ids]
+        if not ids or min(ids) < 0:
+            raise InvalidInputError(f"marker ids: expected non-negative token ids, got {ids}")
+        chars = {v: chr(0xE000 + r) for r, v in enumerate(dict.fromkeys(ids))}
+        texts = [chars.get(v, "\0") for v in range(max(int(vocab_size), max(ids) + 1))]
+        return cls.from_texts("".join(chars[i] for i in ids), texts, device)
+
+    @classmethod
     def from_tokenizer(cls, tokenizer, marker: str = "<answer>", device="cpu") -> "MarkerAutomaton":
         """From a Hugging Face tokenizer: every id in 0..len(tokenizer)-1 decoded on its own."""
         ids = [[i] for i in range(len(tokenizer))]

@@ -13,15 +13,18 @@ The loop (reason_rows) also serves SRPO's reasoning rollouts (generate.sample, m
 "reasoning"): n rows per prompt on one prefill, each row going on from its marker to sample a
 SID under the trie, every token with the policy's log-prob.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from gream_fast.errors import InvalidInputError
 from gream_fast.generate.beam import beam_search
 from gream_fast.generate.constraint import SIDConstraint
+from gream_fast.generate.marker import MarkerAutomaton
 from gream_fast.generate.recommend import encode_prompts
+from gream_fast.kernels.trie_logits import sample_children, trie_topk
 from gream_fast.model.runner import make_runner
+from gream_fast.profiling import phase
 
 
 @dataclass
@@ -34,28 +37,238 @@ class ReasoningResult:
 
 
 def sample_logits(logits, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row: argmax at temperature 0, else nucleus sampling."""
+    """One token per row: argmax at temperature 0, else nucleus sampling. Token i is drawn
+    with probability p_i as torch.multinomial draws it, at a fraction of its cost over a
+    large vocabulary (_race)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    if top_p < 1:
-        p, order = probs.sort(-1, descending=True)
-        before = p.cumsum(-1) - p
-        p = torch.where(before < top_p, p, 0.0)
-        return order.gather(1, torch.multinomial(p, 1, generator=generator)).squeeze(1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    p = torch.softmax(logits.float() / temperature, -1)
+    if top_p == 1:
+        return _race(p, generator)
+    p, order = p.sort(-1, descending=True)
+    before = p.cumsum(-1) - p
+    p = torch.where(before < top_p, p, 0.0)  # the nucleus: at least the most likely token
+    return order.gather(1, _race(p, generator)[:, None]).squeeze(1)
 
 
-THINK, FORCE, ANSWER = 0, 1, 2  # a row's phase: free text, the forced marker, the SID
+def _race(p: torch.Tensor, generator) -> torch.Tensor:
+    """One index per row of the (unnormalised) probabilities p [R, V]. On a GPU an exponential
+    race, argmax p_i / E_i with E_i ~ Exp(1): one parallel pass. On a CPU, where drawing V
+    exponentials costs as much as torch.multinomial, the inverse CDF: one uniform per row,
+    searched in the float64 running sum (exact to 1e-16 of the mass); never an index of zero
+    probability."""
+    if p.is_cuda:
+        return (p / torch.empty_like(p).exponential_(generator=generator)).argmax(-1)
+    cdf = p.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(len(p), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=p.shape[1] - 1)
+    zero = p.gather(1, idx[:, None])[:, 0] == 0  # u rounded up to the total: past the end
+    if bool(zero.any()):  # (a host check: free on the CPU)
+        idx[zero] = p.shape[1] - 1 - (p[zero].flip(-1) > 0).int().argmax(-1)
+    return idx
+
+
+THINK, FORCE, ANSWER, DONE = 0, 1, 2, 3  # a row's phase: free text, forced marker, SID, done
 
 
 @dataclass
 class ReasonRows:
-    tokens: list  # per row: generated ids (reasoning up to the marker; then SID + end token)
-    logprobs: list  # per row: the policy's log-prob of each token (with a constraint only)
-    forced: list  # per row: the think budget ran out and the marker was forced
-    sid_start: list  # per row: index in tokens where the SID starts (-1: no answer phase)
-    items: list  # per row: the item its SID names (-1: no answer phase)
+    """What reason_rows generated, one row per (prompt, sample), on the runner's device."""
+    tokens: torch.Tensor  # [R, W] int64: the reasoning up to the marker, then SID + end token
+    logprobs: torch.Tensor  # [R, W] float32: each token's log-prob (with a constraint; else 0)
+    lengths: torch.Tensor  # [R] int64: tokens per row (the rest of the row is padding)
+    forced: torch.Tensor  # [R] bool: the think budget ran out and the marker was forced
+    sid_start: torch.Tensor  # [R] int64: where the SID starts, after the marker (-1: no marker)
+    items: torch.Tensor  # [R] int64: the item the SID names (-1: no answer phase)
+
+    def token_lists(self) -> list:
+        """Each row's tokens as a list (one host transfer)."""
+        return [t[:n] for t, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+@dataclass
+class RowState:
+    """The rows still in the batch: one entry each, all device tensors. Finished rows (DONE)
+    stay until the next sync point, then leave the batch (select)."""
+    row: torch.Tensor  # [L] int64: the row's index in ReasonRows
+    phase: torch.Tensor  # [L] int64: THINK, FORCE, ANSWER or DONE
+    fpos: torch.Tensor  # [L] int64: marker tokens forced so far
+    marker: torch.Tensor  # [L] int32: MarkerAutomaton state of the text so far
+    node: torch.Tensor  # [L] int32: trie node in the answer phase
+    depth: torch.Tensor  # [L] int64: SID tokens emitted (the SID level of the next one)
+
+    def select(self, keep: torch.Tensor) -> "RowState":
+        return RowState(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+
+@dataclass
+class LoopSpec:
+    """What does not change during the loop."""
+    budget: int  # free-text tokens before the marker is forced
+    marker_ids: torch.Tensor  # [m] the marker's ids, as forced
+    automaton: MarkerAutomaton  # finds the marker in the generated text, however BPE split it
+    stops: torch.Tensor  # [s] ids that end a turn (sampled while thinking: the marker replaces
+    #                      them with a constraint, end the row without one)
+    constraint: SIDConstraint | None  # the answer's trie (None: stop at the marker)
+    score: str  # "full" or "sid": the SID tokens' log-probs (as in direct sampling)
+    temperature: float
+    top_p: float
+    logprob_temperature: float  # the reported log-probs are log-softmax(logits / this)
+
+
+def marker_automaton(tokenizer, answer: str | None, answer_ids, vocab_size: int):
+    """The answer marker's automaton over the decoded text (with a tokenizer and the marker's
+    text), else over its ids; built once per tokenizer and marker, then cached on it."""
+    if tokenizer is None or answer is None:
+        return MarkerAutomaton.from_ids(answer_ids, vocab_size)
+    cache = tokenizer.__dict__.setdefault("_gream_markers", {})
+    key = (answer, len(tokenizer))
+    if key not in cache:
+        cache[key] = MarkerAutomaton.from_tokenizer(tokenizer, answer)
+    return cache[key]
+
+
+def _answer_candidates(logits, st: RowState, spec: LoopSpec, gen):
+    """A trie-constrained sample for every row (rows not answering sample from the root and
+    are ignored: no subset, so no host sync): (token, child node, log-prob)."""
+    con, lt = spec.constraint, spec.logprob_temperature
+    nodes = torch.where(st.phase == ANSWER, st.node, 0)
+    scaled = logits if lt == 1 else logits / lt
+    with phase("gream.trie_mask"):
+        s, t, c = trie_topk(scaled, nodes, con.indptr, con.tokens, con.max_children,
+                            max_children=con.max_children)
+        _, tok, child, lp = sample_children(s, t, c, spec.temperature / lt, spec.top_p,
+                                            generator=gen, check=False)
+    if spec.score == "sid":  # normalised over the token's SID level; the closing token: 0
+        k = con.token_table.shape[1]
+        level = st.depth.clamp(max=con.token_table.shape[0] - 1)
+        cols = con.level_rows(0).start + level[:, None] * k + torch.arange(k, device=level.device)
+        lse = torch.logsumexp(scaled.gather(1, cols), dim=1)
+        lp = torch.where(tok == con.eos_token_id, 0.0, scaled.gather(1, tok[:, None])[:, 0] - lse)
+    return tok, child.to(torch.int32), lp
+
+
+def advance(st: RowState, out: ReasonRows, logits: torch.Tensor, step: int, spec: LoopSpec,
+            gen) -> torch.Tensor:
+    """One step of every row in the batch: its token (from logits [L, V]) written to `out`, its
+    phase moved on. Tensor work only: no host sync. Returns the tokens to feed."""
+    con = spec.constraint
+    active = st.phase != DONE
+    if con is not None and step == spec.budget:  # the budget is spent: answer now
+        over = st.phase == THINK
+        out.forced[st.row] |= over
+        st.phase = torch.where(over, FORCE, st.phase)
+    thinking = st.phase == THINK
+    lt = spec.logprob_temperature
+    logp = torch.log_softmax(logits / lt, -1) if con is not None else None
+    if logp is not None and spec.temperature == lt and spec.top_p == 1:
+        tok = _race(logp.exp(), gen)  # the same draw as sample_logits', one softmax less
+    else:
+        tok = sample_logits(logits, spec.temperature, spec.top_p, gen)  # every row, one draw
+    lp = torch.zeros(len(tok), device=tok.device)
+    answering = torch.zeros_like(thinking)
+    if con is not None:
+        stopped = thinking & torch.isin(tok, spec.stops)  # ended unanswered: the marker instead
+        st.phase = torch.where(stopped, FORCE, st.phase)
+        st.fpos = torch.where(stopped, 0, st.fpos)
+        forcing = st.phase == FORCE
+        m = len(spec.marker_ids)
+        tok = torch.where(forcing, spec.marker_ids[st.fpos.clamp(max=m - 1)], tok)
+        lp = logp.gather(1, tok[:, None])[:, 0]
+        answering = st.phase == ANSWER
+        # on a GPU every step samples an answer for every row (no host sync to ask first); on
+        # a CPU asking is free, and most steps have no row answering
+        if logits.is_cuda or bool(answering.any()):
+            a_tok, a_node, a_lp = _answer_candidates(logits, st, spec, gen)
+            tok, lp = torch.where(answering, a_tok, tok), torch.where(answering, a_lp, lp)
+            st.node = torch.where(answering, a_node, st.node)
+    # the token joins its row (finished rows write to the spare last column)
+    pos = torch.where(active, out.lengths[st.row], out.tokens.shape[1] - 1)
+    out.tokens[st.row, pos], out.logprobs[st.row, pos] = tok, lp
+    out.lengths[st.row] += active.long()
+    length = out.lengths[st.row]
+    # the marker in the text of the rows still thinking
+    still = thinking & (st.phase == THINK)
+    st.marker = torch.where(still, spec.automaton.step(st.marker, tok), st.marker)
+    hit = still & spec.automaton.accepted(st.marker)
+    if con is None:  # sid_start: where an answer would begin (the marker was seen)
+        out.sid_start[st.row] = torch.where(hit, length, out.sid_start[st.row])
+        st.phase = torch.where(hit | (still & torch.isin(tok, spec.stops)), DONE, st.phase)
+        return tok
+    forcing = st.phase == FORCE
+    st.fpos = torch.where(forcing, st.fpos + 1, st.fpos)
+    begins = hit | (forcing & (st.fpos == m))  # the SID starts with the next token
+    out.sid_start[st.row] = torch.where(begins, length, out.sid_start[st.row])
+    ends = answering & (tok == con.eos_token_id)
+    out.items[st.row] = torch.where(ends, con.items_of_nodes(st.node).long(), out.items[st.row])
+    st.depth = torch.where(answering, st.depth + 1, st.depth)
+    st.phase = torch.where(begins, ANSWER, torch.where(ends, DONE, st.phase))
+    return tok
+
+
+@torch.no_grad()
+def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
+                top_p: float = 0.9, eos_token_id=None, seed: int = 0, tokenizer=None,
+                answer: str | None = None, n: int = 1, constraint=None,
+                score: str = "full", logprob_temperature: float = 1.0,
+                sync_every: int = 8, pad_id: int = 0) -> ReasonRows:
+    """The reasoning loop behind think() and reasoning-mode sampling. n rows per prompt share
+    its prefill and prompt KV; each writes free text (sample_logits at temperature / top_p)
+    until the answer marker appears in its text (marker_automaton: the `answer` text through
+    the tokenizer, else the ids answer_ids). Without a constraint a row stops at the marker or
+    at a stop token (eos_token_id: an id or ids), and every row when the budget runs out.
+    With one (an SIDConstraint whose EOS is the answer's end token) a row goes on: a sampled
+    stop token is replaced by the marker, an exhausted budget forces the marker, the marker
+    tokens are fed, then a SID is sampled under the trie (sample_children at temperature /
+    top_p) and closed by the end token; every token gets the policy's log-prob at
+    logprob_temperature (full vocabulary for text and the marker, `score` for the SID as in
+    direct sampling).
+
+    The rows' state lives in device tensors (RowState) and advance() moves it by a step with
+    no host sync; every sync_every steps one sync drops the finished rows from the batch (and
+    stops the loop when none is left). Seeded: the same seed and sync_every give the same rows.
+    """
+    answer_ids = [int(t) for t in answer_ids]
+    if not answer_ids or budget < 0 or sync_every < 1:
+        raise InvalidInputError("reason_rows: answer_ids must be non-empty, budget >= 0 and "
+                                "sync_every >= 1")
+    m, dev = len(answer_ids), runner.device
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    R = len(prompts) * n
+    steps = budget + (m + constraint.max_len if constraint is not None else 0)
+    hidden, kv = runner.prefill(prompts, n, max(steps, 1))
+    hidden = hidden.repeat_interleave(n, 0)
+    vocab = runner.lm_head.weight.shape[0]
+    stop_ids = sorted(_stops(eos_token_id))
+    spec = LoopSpec(budget, torch.tensor(answer_ids, device=dev),
+                    marker_automaton(tokenizer, answer, answer_ids, vocab).to(dev),
+                    torch.tensor(stop_ids, dtype=torch.int64, device=dev), constraint, score,
+                    temperature, top_p, logprob_temperature)
+    out = ReasonRows(torch.full((R, steps + 1), pad_id, dtype=torch.int64, device=dev),
+                     torch.zeros(R, steps + 1, device=dev),
+                     torch.zeros(R, dtype=torch.int64, device=dev),
+                     torch.zeros(R, dtype=torch.bool, device=dev),
+                     torch.full((R,), -1, dtype=torch.int64, device=dev),
+                     torch.full((R,), -1, dtype=torch.int64, device=dev))
+    zeros = torch.zeros(R, dtype=torch.int64, device=dev)
+    st = RowState(torch.arange(R, device=dev), zeros.clone(), zeros.clone(),
+                  zeros.to(torch.int32), zeros.to(torch.int32), zeros.clone())
+    for step in range(steps):
+        with phase("gream.reason.step"):
+            tok = advance(st, out, runner.logits(hidden), step, spec, gen)
+        if step == steps - 1:
+            break
+        if (step + 1) % sync_every == 0:  # the one host sync: finished rows leave the batch
+            keep = torch.nonzero(st.phase != DONE).flatten()
+            if not len(keep):
+                break
+            if len(keep) < len(st.row):
+                st, tok = st.select(keep), tok[keep]
+                kv.select(keep)
+        hidden = runner.decode(tok, kv)
+    width = int(out.lengths.max()) if R else 0
+    out.tokens, out.logprobs = out.tokens[:, :width], out.logprobs[:, :width]
+    return out
 
 
 def _stops(eos_token_id) -> set:
@@ -64,156 +277,25 @@ def _stops(eos_token_id) -> set:
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
 
 
-def _marker_seen(seqs, answer_ids, tokenizer=None, answer=None) -> list:
-    """Per token list: does it end with the marker (as ids, or in the decoded text)?"""
-    m = len(answer_ids)
-    if tokenizer is not None and answer is not None:
-        return [answer in t for t in tokenizer.batch_decode([q[-2 * m - 2:] for q in seqs])]
-    return [q[-m:] == answer_ids for q in seqs]
-
-
-def _answer_step(runner, hidden, nodes, depth, constraint, score, temperature, top_p, gen,
-                 logprob_temperature=1.0):
-    """One trie-constrained sample per answering row: (token, child node, log-prob)."""
-    from gream_fast.generate.beam import step_candidates
-    from gream_fast.kernels.trie_logits import sample_children
-
-    tok = torch.empty(len(nodes), dtype=torch.int64, device=nodes.device)
-    child, lp = torch.empty_like(nodes), torch.empty(len(nodes), device=nodes.device)
-    # score="sid" reads the level's LM-head rows, so rows at different depths go apart
-    groups = [None] if score == "full" else sorted(set(depth.tolist()))
-    for d in groups:
-        rows = torch.arange(len(nodes)) if d is None else torch.nonzero(depth == d).flatten()
-        rows = rows.to(nodes.device)
-        s, t, c = step_candidates(runner, hidden[rows], nodes[rows], constraint, d or 0,
-                                  constraint.max_children, score, logprob_temperature)
-        _, t, c, l = sample_children(s, t, c, temperature / logprob_temperature, top_p,
-                                     generator=gen)
-        tok[rows], child[rows], lp[rows] = t, c.to(child.dtype), l
-    return tok, child, lp
-
-
-@torch.no_grad()
-def reason_rows(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
-                top_p: float = 0.9, eos_token_id=None, seed: int = 0, tokenizer=None,
-                answer: str | None = None, n: int = 1, constraint=None,
-                score: str = "full", logprob_temperature: float = 1.0) -> ReasonRows:
-    """The reasoning loop behind think() and reasoning-mode sampling. n rows per prompt share
-    its prefill and prompt KV; each writes free text (sample_logits at temperature / top_p)
-    until the marker (see think). Rows that finish leave the batch. Without a constraint a row
-    stops at the marker, or at an EOS (eos_token_id: an id or ids), or when the budget runs
-    out (think() appends the marker). With one (an SIDConstraint whose EOS is the answer's end
-    token), a row goes on: a sampled EOS is replaced by the marker, an exhausted budget forces
-    the marker, the marker tokens are fed, then a SID is sampled under the trie
-    (sample_children at temperature / top_p) and closed by the end token; every token gets
-    the policy's log-prob (at logprob_temperature; full vocabulary for text and the marker,
-    `score` for the SID as in direct sampling)."""
-    answer_ids = [int(t) for t in answer_ids]
-    m, dev, stops = len(answer_ids), runner.device, _stops(eos_token_id)
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    R = len(prompts) * n
-    res = ReasonRows([[] for _ in range(R)], [[] for _ in range(R)], [False] * R, [-1] * R,
-                     [-1] * R)
-    capacity = budget + (m + constraint.max_len if constraint is not None else 0)
-    hidden, state = runner.prefill(prompts, n, max(capacity, 1))
-    hidden = hidden.repeat_interleave(n, 0)
-    rows = list(range(R))  # the row of each live row
-    phase = torch.full((R,), THINK)  # host state of the live rows
-    fpos, depth = torch.zeros(R, dtype=torch.int64), torch.zeros(R, dtype=torch.int64)
-    nodes = torch.zeros(R, dtype=torch.int32, device=dev)
-    marker = torch.tensor(answer_ids, device=dev)
-    stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=dev)
-    step = 0
-    while True:
-        if step == budget and constraint is not None:  # the budget is spent: answer now
-            for j in torch.nonzero(phase == THINK).flatten().tolist():
-                res.forced[rows[j]] = True
-            phase[phase == THINK] = FORCE
-        logits = runner.logits(hidden)
-        tok = torch.zeros(len(rows), dtype=torch.int64, device=dev)
-        thinking = torch.nonzero(phase == THINK).flatten()
-        if len(thinking) == len(rows):  # (all rows: the same draw as over the whole batch)
-            tok = sample_logits(logits, temperature, top_p, gen)
-        elif len(thinking):
-            tok[thinking.to(dev)] = sample_logits(logits[thinking.to(dev)], temperature, top_p,
-                                                  gen)
-        if constraint is not None:
-            if stops and len(thinking):  # ended without an answer: the marker replaces EOS
-                ended = torch.isin(tok, stop_ids).cpu() & (phase == THINK)
-                phase[ended], fpos[ended] = FORCE, 0
-            forcing = torch.nonzero(phase == FORCE).flatten()
-            tok[forcing.to(dev)] = marker[fpos[forcing].to(dev)]
-            lp = torch.log_softmax(logits / logprob_temperature, -1).gather(
-                1, tok[:, None]).squeeze(1)
-            answering = torch.nonzero(phase == ANSWER).flatten()
-            if len(answering):
-                a = answering.to(dev)
-                t, c, l = _answer_step(runner, hidden[a], nodes[a], depth[answering],
-                                       constraint, score, temperature, top_p, gen,
-                                       logprob_temperature)
-                tok[a], lp[a], nodes[a] = t, l, c
-            lps = lp.tolist()
-        toks = tok.tolist()
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        for j, r in enumerate(rows):
-            res.tokens[r].append(toks[j])
-            if constraint is not None:
-                res.logprobs[r].append(lps[j])
-        if len(thinking):
-            think_rows = [j for j in thinking.tolist() if phase[j] == THINK]
-            seen = _marker_seen([res.tokens[rows[j]] for j in think_rows], answer_ids,
-                                tokenizer, answer)
-            for j, hit in zip(think_rows, seen):
-                if constraint is None:
-                    done[j] = hit or toks[j] in stops
-                elif hit:
-                    phase[j], res.sid_start[rows[j]] = ANSWER, len(res.tokens[rows[j]])
-        if constraint is not None:
-            items = constraint.items_of_nodes(nodes).tolist()
-            for j in range(len(rows)):
-                if phase[j] == FORCE:
-                    fpos[j] += 1
-                    if fpos[j] == m:
-                        phase[j], res.sid_start[rows[j]] = ANSWER, len(res.tokens[rows[j]])
-                elif phase[j] == ANSWER and res.sid_start[rows[j]] < len(res.tokens[rows[j]]):
-                    depth[j] += 1  # (not the rows that reached the answer just now)
-                    if toks[j] == constraint.eos_token_id:
-                        done[j], res.items[rows[j]] = True, items[j]
-        if constraint is None and step == budget - 1:
-            break
-        if bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = torch.nonzero(~done).flatten()
-            state.select(keep.to(dev))
-            rows = [rows[j] for j in keep.tolist()]
-            phase, fpos, depth = phase[keep], fpos[keep], depth[keep]
-            keep = keep.to(dev)
-            hidden, tok, nodes = hidden[keep], tok[keep], nodes[keep]
-        hidden = runner.decode(tok, state)
-        step += 1
-    return res
-
-
 def think(runner, prompts, answer_ids, budget: int, temperature: float = 0.7,
           top_p: float = 0.9, eos_token_id: int | None = None, seed: int = 0,
           tokenizer=None, answer: str | None = None):
     """Phase 1: reasoning tokens per prompt (ending with the marker) and whether forced. The
     marker is found as the token ids answer_ids, or, given a tokenizer and the `answer` text,
-    in the decoded text (BPE tokenizes " <answer>" in running text unlike "<answer>" alone)."""
+    in the decoded text (BPE tokenizes " <answer>" in running text unlike "<answer>" alone);
+    a row that ends with a stop token instead has it replaced by the marker."""
     answer_ids = [int(t) for t in answer_ids]
     if not answer_ids or budget < 0:
         raise InvalidInputError("think: answer_ids must be non-empty and budget >= 0")
-    b, m = len(prompts), len(answer_ids)
-    forced = torch.zeros(b, dtype=torch.bool)
+    b = len(prompts)
     if budget == 0:
-        return [list(answer_ids) for _ in range(b)], forced | True
-    out = reason_rows(runner, prompts, answer_ids, budget, temperature, top_p, eos_token_id,
-                      seed, tokenizer, answer).tokens
-    stops = _stops(eos_token_id)
+        return [list(answer_ids) for _ in range(b)], torch.ones(b, dtype=torch.bool)
+    res = reason_rows(runner, prompts, answer_ids, budget, temperature, top_p, eos_token_id,
+                      seed, tokenizer, answer)
+    out, stops, seen = res.token_lists(), _stops(eos_token_id), (res.sid_start >= 0).tolist()
+    forced = torch.zeros(b, dtype=torch.bool)
     for r in range(b):
-        if out[r][-m:] != answer_ids and not _marker_seen([out[r]], answer_ids, tokenizer,
-                                                          answer)[0]:
+        if not seen[r]:
             if out[r] and out[r][-1] in stops:
                 out[r].pop()
             else:

@@ -114,19 +114,11 @@ def _sample_reasoning(runner, prompts, index, tokenizer, n, temperature, top_p, 
     prompts = encode_prompts(tokenizer, prompts)
     res = reason_rows(runner, prompts, answer_ids, think_budget, temperature, top_p, stop_ids,
                       seed, tokenizer, answer if tokenizer is not None else None, n, constraint,
-                      score, logprob_temperature)
-    dev, rows = runner.device, len(res.tokens)
-    width = max(len(t) for t in res.tokens)
-    pad = constraint.eos_token_id if pad_id is None else pad_id
-    tokens = torch.full((rows, width), pad, dtype=torch.int64)
-    logprobs = torch.zeros(rows, width)
-    mask = torch.zeros(rows, width, dtype=torch.bool)
-    for r, (t, lp) in enumerate(zip(res.tokens, res.logprobs)):
-        tokens[r, :len(t)], logprobs[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), \
-            torch.tensor(lp), True
-    items = torch.tensor(res.items)
-    if bool((items < 0).any()):
+                      score, logprob_temperature,
+                      pad_id=constraint.eos_token_id if pad_id is None else pad_id)
+    mask = torch.arange(res.tokens.shape[1], device=res.tokens.device) < res.lengths[:, None]
+    if bool((res.items < 0).any()):
         raise RuntimeError("a sampled response names no item (cannot happen)")
-    return Rollouts(tokens.to(dev), logprobs.to(dev), mask.to(dev), items.to(dev),
-                    torch.arange(len(prompts), device=dev).repeat_interleave(n),
-                    torch.tensor(res.sid_start, device=dev), torch.tensor(res.forced, device=dev))
+    return Rollouts(res.tokens, res.logprobs, mask, res.items,
+                    torch.arange(len(prompts), device=runner.device).repeat_interleave(n),
+                    res.sid_start, res.forced)
