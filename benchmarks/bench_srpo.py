@@ -316,7 +316,7 @@ def worker(args):
     c = cases(device.type, args.quick)
     warmup, steps = _steps(args, device)
     run = run_ours if args.worker == "ours" else run_trl
-    profile_dir = args.out if args.profile else None
+    profile_dir = args.trace
     if profile_dir:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
     out = run(c, device, warmup, steps, profile_dir)

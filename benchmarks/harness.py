@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from gream_fast.profiling import phase, trace
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -56,26 +57,20 @@ def time_fn(fn, *, warmup=3, repeat=20, device=None, flush_l2=False) -> dict:
             "repeat": repeat}
 
 
-@contextlib.contextmanager
 def nvtx(name: str):
     """A named range: a torch-profiler event, and on CUDA an NVTX range pushed directly, so it
-    shows in nsys without torch.autograd.profiler.emit_nvtx (and its per-op overhead)."""
-    with torch.profiler.record_function(name):
-        if torch.cuda.is_available():
-            torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.nvtx.range_pop()
+    shows in nsys without torch.autograd.profiler.emit_nvtx (and its per-op overhead); the
+    engine's own phases are named the same way (gream_fast.profiling)."""
+    return phase(name)
 
 
 def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI, gpu_check.sh)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results"),
                         help="directory for the JSON record (also written to $OUT if set)")
-    parser.add_argument("--profile", action="store_true",
-                        help="run the measured part under torch.profiler; chrome trace beside the JSON")
+    parser.add_argument("--trace", metavar="DIR", default=None,
+                        help="run the timed cases under torch.profiler and write a Chrome / "
+                             "Perfetto trace (the engine's phases are named ranges) to DIR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement")
     return parser
@@ -90,7 +85,7 @@ def spawn_worker(script, worker: str, args: argparse.Namespace) -> dict:
     script = Path(script).resolve()
     cmd = [sys.executable, str(script), "--worker", worker, "--device", args.device,
            "--repeat", str(args.repeat), "--out", args.out]
-    cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
+    cmd += ["--quick"] * args.quick + (["--trace", args.trace] if args.trace else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "0",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run(cmd, cwd=BENCH_DIR.parent, capture_output=True, text=True, env=env)
@@ -154,19 +149,13 @@ class Bench:
 
     @contextlib.contextmanager
     def profiling(self):
-        """Wrap the measured runs: a torch.profiler trace when --profile, a no-op otherwise."""
-        if not self.args.profile:
+        """Wrap the measured runs: a torch.profiler trace to --trace DIR, a no-op without."""
+        if not self.args.trace:
             yield
             return
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
+        Path(self.args.trace).mkdir(parents=True, exist_ok=True)
+        with trace(Path(self.args.trace) / f"{self.stem}.trace.json"):
             yield
-        first, *others = [d / f"{self.stem}.trace.json" for d in self._out_dirs()]
-        prof.export_chrome_trace(str(first))  # a profile exports once; copy it for $OUT
-        for path in others:
-            shutil.copyfile(first, path)
 
     def _out_dirs(self):
         dirs = [Path(self.args.out)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])

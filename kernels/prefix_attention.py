@@ -23,6 +23,8 @@ merged the same way (flash-decoding; choose_splits).
 A row with nothing to attend to (an empty prompt and an empty suffix: only reachable with
 check=False, or through the reference) gets o = 0.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +32,8 @@ import triton.language as tl
 from gream_fast.errors import InvalidInputError
 from gream_fast.kernels._backend import INTERPRET, use_triton
 
-__all__ = ["choose_splits", "shared_prefix_attention", "shared_prefix_attention_reference"]
+__all__ = ["choose_splits", "cpu_plan", "shared_prefix_attention",
+           "shared_prefix_attention_reference"]
 
 _LOG2E = 1.4426950408889634
 
@@ -381,6 +384,118 @@ def _shared_prefix_attention_triton(q, prefix_k, prefix_v, prefix_cu, row_cu, su
 
 
 # ---------------------------------------------------------------------------------------------
+# 2b. The CPU path: the same split (prompt part per prompt, suffix part per row, LSE merge) on
+#     torch's fused CPU attention, which returns each query's log-sum-exp (the op behind SDPA's
+#     CPU flash backend; the reference runs where it is missing). The G query heads of a KV head
+#     and the rows of a prompt are folded into the query length: no copy of K or V per head.
+# ---------------------------------------------------------------------------------------------
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass
+class CPUPlan:
+    """What the CPU path derives from the layout alone (offsets and lengths), once for all the
+    layers of a decode step: cpu_plan()."""
+    B: int
+    Pm: int  # the longest prompt
+    Rm: int  # the most rows of a prompt
+    S: int  # the longest suffix (>= 1)
+    p_ok: torch.Tensor | None  # [B, Pm] prompt positions that hold a token (None: all do)
+    r_ok: torch.Tensor | None  # [B, Rm] row slots that hold a row (None: all do)
+    s_ok: torch.Tensor | None  # [R, S] suffix entries that hold a token (None: all do)
+    p_mask: torch.Tensor | None  # additive masks of the fused attention (None: no padding)
+    s_mask: torch.Tensor | None
+    prompt_empty: torch.Tensor | None  # [R] rows whose prompt is empty (check=False only)
+    suffix_empty: torch.Tensor | None  # [R] rows whose suffix is empty
+
+
+def cpu_plan(prefix_cu, row_cu, suffix_lens, dtype=torch.float32) -> CPUPlan:
+    """The CPU path's view of a layout. A row with no key at all in a part (an empty prompt or
+    suffix) sees every padding key there instead: finite values, weighed 0 in the merge."""
+    dev, neg = prefix_cu.device, float("-inf")
+    p_len = (prefix_cu[1:] - prefix_cu[:-1]).long()
+    r_len = (row_cu[1:] - row_cu[:-1]).long()
+    lens = suffix_lens.long()
+    B, Pm, Rm = p_len.numel(), int(p_len.max()), int(r_len.max())
+    S = max(int(lens.max()), 1) if lens.numel() else 1
+    p_ok = torch.arange(Pm, device=dev) < p_len[:, None]
+    r_ok = torch.arange(Rm, device=dev) < r_len[:, None]
+    s_ok = torch.arange(S, device=dev) < lens[:, None]
+    p_mask = s_mask = prompt_empty = suffix_empty = None
+    if bool(p_ok.all()):
+        p_ok = None
+    else:
+        p_mask = torch.where(p_ok | ~p_ok.any(1, keepdim=True), 0.0, neg).to(dtype)[:, None, None]
+        prompt_empty = ~p_ok.any(1)[row_of(row_cu, len(lens))]
+    if bool(r_ok.all()):
+        r_ok = None
+    if bool(s_ok.all()):
+        s_ok = None
+    else:
+        s_mask = torch.where(s_ok | ~s_ok.any(1, keepdim=True), 0.0, neg).to(dtype)[:, None, None]
+        suffix_empty = ~s_ok.any(1)
+    return CPUPlan(B, Pm, Rm, S, p_ok, r_ok, s_ok, p_mask, s_mask, prompt_empty, suffix_empty)
+
+
+def _shared_prefix_attention_cpu(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v,
+                                 suffix_lens, scale, plan: CPUPlan | None = None):
+    R, Hq, D = q.shape
+    Hkv = prefix_k.shape[1]
+    G, neg = Hq // Hkv, float("-inf")
+    pl = plan or cpu_plan(prefix_cu, row_cu, suffix_lens, q.dtype)
+    B, Pm, Rm = pl.B, pl.Pm, pl.Rm
+    # prompts padded to [B, Pm] and their rows to [B, Rm]; views when they are all as long
+    # (n samples of equal prompts: no copy, no mask)
+    if pl.p_ok is None:
+        kp, vp = prefix_k.view(B, Pm, Hkv, D), prefix_v.view(B, Pm, Hkv, D)
+    else:
+        kp = prefix_k.new_zeros(B, Pm, Hkv, D)
+        vp = torch.zeros_like(kp)
+        kp[pl.p_ok], vp[pl.p_ok] = prefix_k, prefix_v
+    if pl.r_ok is None:
+        qp = q.view(B, Rm, Hkv, G, D)
+    else:
+        qp = q.new_zeros(B, Rm, Hkv, G, D)
+        qp[pl.r_ok] = q.view(R, Hkv, G, D)
+    qp = qp.permute(0, 2, 1, 3, 4).reshape(B, Hkv, Rm * G, D)
+    o_p, lse_p = _CPU_ATTENTION(qp, kp.transpose(1, 2), vp.transpose(1, 2), 0.0, False,
+                                attn_mask=pl.p_mask, scale=scale)
+    o_p = o_p.view(B, Hkv, Rm, G, D).permute(0, 2, 1, 3, 4)  # [B, Rm, Hkv, G, D]
+    lse_p = lse_p.view(B, Hkv, Rm, G).permute(0, 2, 1, 3)  # [B, Rm, Hkv, G]
+    if pl.r_ok is None:
+        o_p, lse_p = o_p.reshape(R, Hkv, G, D), lse_p.reshape(R, Hkv, G)
+    else:
+        o_p, lse_p = o_p[pl.r_ok], lse_p[pl.r_ok]
+    # only the entries the rows hold: the longest suffix, and where rows differ in length the
+    # others' unused entries zeroed (they may hold anything; the decode step's rows never differ)
+    suffix_k, suffix_v = suffix_k[:, :pl.S], suffix_v[:, :pl.S]
+    if pl.s_ok is not None:
+        keep = pl.s_ok[:, :, None, None]
+        suffix_k, suffix_v = torch.where(keep, suffix_k, 0), torch.where(keep, suffix_v, 0)
+    o_s, lse_s = _CPU_ATTENTION(q.view(R, Hkv, G, D), suffix_k.transpose(1, 2),
+                                suffix_v.transpose(1, 2), 0.0, False, attn_mask=pl.s_mask,
+                                scale=scale)
+    lse_p, lse_s = lse_p.float(), lse_s.float()
+    empty = pl.suffix_empty is not None or pl.prompt_empty is not None
+    if pl.suffix_empty is not None:
+        lse_s = lse_s.masked_fill(pl.suffix_empty[:, None, None], neg)
+    if pl.prompt_empty is not None:
+        lse_p = lse_p.masked_fill(pl.prompt_empty[:, None, None], neg)
+    lse = torch.logaddexp(lse_p, lse_s)
+    if empty:
+        lse = torch.where(torch.isinf(lse), 0.0, lse)  # no key at all: o = 0
+    o = (torch.exp(lse_p - lse)[..., None] * o_p.float()
+         + torch.exp(lse_s - lse)[..., None] * o_s.float())
+    return o.reshape(R, Hq, D).to(q.dtype)
+
+
+def row_of(row_cu, R):
+    """The prompt of each row [R] from the row offsets [B + 1]."""
+    return torch.repeat_interleave(torch.arange(row_cu.numel() - 1, device=row_cu.device),
+                                   (row_cu[1:] - row_cu[:-1]).long(), output_size=R)
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. Public entry point
 # ---------------------------------------------------------------------------------------------
 def _is_int(t):
@@ -458,7 +573,8 @@ def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: t
                             prefix_cu: torch.Tensor, row_cu: torch.Tensor, suffix_k: torch.Tensor,
                             suffix_v: torch.Tensor, suffix_lens: torch.Tensor,
                             scale: float | None = None, check: bool = True,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None,
+                            cpu_plan: "CPUPlan | None" = None) -> torch.Tensor:
     """One decode step of attention for rows that share their prompt's KV.
 
     q [R, Hq, D] (one query token per row); prefix_k, prefix_v [T, Hkv, D]: all prompts' KV
@@ -470,10 +586,13 @@ def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: t
     multiple of Hkv (query head h reads KV head h // (Hq / Hkv)); scale defaults to 1/sqrt(D).
     Returns o [R, Hq, D] in q.dtype.
 
+    Backends: Triton on CUDA tensors (and under TRITON_INTERPRET=1); on CPU tensors torch's
+    fused CPU attention with the LSE merge (_shared_prefix_attention_cpu), else the reference.
     Shapes are always checked; check=False skips the checks of the offsets and lengths (one
     host sync), which the kernel trusts: wrong ones read out of bounds. num_splits: into how
     many chunks the Triton path splits each prompt's KV (flash-decoding); default: chosen from
-    the shapes and the SM count (choose_splits), 1 under the interpreter.
+    the shapes and the SM count (choose_splits), 1 under the interpreter. cpu_plan: the CPU
+    path's cpu_plan() of this layout, for callers that attend many layers over one layout.
     """
     _check_shapes(q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
     if check:
@@ -483,6 +602,8 @@ def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: t
         return q.new_empty(q.shape)
     args = (q, prefix_k, prefix_v, prefix_cu, row_cu, suffix_k, suffix_v, suffix_lens)
     if not use_triton(*args):
+        if _CPU_ATTENTION is not None and q.dtype in (torch.float32, torch.bfloat16):
+            return _shared_prefix_attention_cpu(*args, scale, cpu_plan)
         return shared_prefix_attention_reference(*args, scale=scale)
     if num_splits is not None and num_splits < 1:
         raise InvalidInputError(f"num_splits: expected >= 1, got {num_splits}")

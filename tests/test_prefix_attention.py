@@ -218,3 +218,25 @@ def test_cuda_long_prompts_split_automatically():
     o = shared_prefix_attention(**{k: v.cuda() for k, v in args.items()})
     torch.testing.assert_close(o.cpu(), shared_prefix_attention_reference(**args), atol=2e-2,
                                rtol=2e-2)
+
+
+@pytest.mark.parametrize("prompts, rows, hq, hkv, d, s_cap, dtype", [
+    ([29, 11, 1], [5, 0, 3], 4, 2, 32, 6, torch.float32),
+    ([7, 40], [1, 9], 8, 8, 16, 3, torch.float32),
+    ([16, 5], [4, 4], 4, 1, 64, 5, torch.bfloat16),
+    ([12, 12], [4, 4], 4, 2, 32, 4, torch.float32),  # equal prompts and rows: the views path
+])
+def test_cpu_path_matches_the_reference(prompts, rows, hq, hkv, d, s_cap, dtype):
+    """The CPU path (torch's fused CPU attention + LSE merge), which the runner uses on CPU
+    tensors outside the interpreter, against the reference: ragged prompts, a prompt with no
+    rows, empty and full suffixes (poisoned past their lengths), GQA and MHA, bf16."""
+    from gream_fast.kernels.prefix_attention import _CPU_ATTENTION, _shared_prefix_attention_cpu
+
+    if _CPU_ATTENTION is None:
+        pytest.skip("this torch has no fused CPU attention op")
+    args = make(prompts, rows, hq, hkv, d, s_cap, dtype, seed=sum(prompts))
+    got = _shared_prefix_attention_cpu(*args.values(), d ** -0.5)
+    want = shared_prefix_attention_reference(**clean(args))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert got.dtype == dtype and torch.isfinite(got).all()

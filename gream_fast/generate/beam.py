@@ -21,6 +21,7 @@ import torch
 
 from gream_fast.errors import GreamError, InvalidInputError
 from gream_fast.kernels.trie_logits import trie_topk
+from gream_fast.profiling import phase
 
 NEG = float("-inf")
 
@@ -36,12 +37,15 @@ def step_candidates(runner, hidden, nodes, constraint, depth, k, score, temperat
     """Each row's best k children: (scores [R, k], tokens [R, k], child nodes [R, k]); the
     scores are log-softmax of logits / temperature."""
     if score == "full":
-        return trie_topk(_scaled(runner.logits(hidden), temperature), nodes, constraint.indptr,
-                         constraint.tokens, k, max_children=constraint.max_children)
+        logits = _scaled(runner.logits(hidden), temperature)
+        with phase("gream.trie_mask"):
+            return trie_topk(logits, nodes, constraint.indptr, constraint.tokens, k,
+                             max_children=constraint.max_children)
     rows = constraint.level_rows(min(depth, constraint.token_table.shape[0] - 1))
-    s, t, c = trie_topk(_scaled(runner.logits(hidden, rows), temperature), nodes,
-                        constraint.indptr, constraint.tokens, k, token_offset=rows.start,
-                        max_children=constraint.max_children)
+    logits = _scaled(runner.logits(hidden, rows), temperature)
+    with phase("gream.trie_mask"):
+        s, t, c = trie_topk(logits, nodes, constraint.indptr, constraint.tokens, k,
+                            token_offset=rows.start, max_children=constraint.max_children)
     # rows at a complete SID: EOS is outside the slice; it is their only move, with score 0
     end = constraint.ends[nodes.clamp(min=0).long()] & (nodes >= 0)
     eos_child = constraint.indptr[nodes.clamp(min=0).long()] + 1

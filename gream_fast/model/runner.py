@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from gream_fast.errors import InvalidInputError
-from gream_fast.kernels.prefix_attention import shared_prefix_attention
+from gream_fast.kernels.prefix_attention import cpu_plan, shared_prefix_attention
+from gream_fast.profiling import phase
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -223,6 +224,10 @@ class DecoderRunner:
         """Run the prompts (token-id lists), store their KV once, and allocate suffix buffers
         for rows_per_prompt rows each (an int, or one count per prompt). Returns (hidden
         [B, H] at each prompt's last position after the final norm, KVState)."""
+        with phase("gream.prefill"):
+            return self._prefill(prompts, rows_per_prompt, suffix_capacity)
+
+    def _prefill(self, prompts, rows_per_prompt, suffix_capacity: int):
         ids, positions, cu = pack_prompts(prompts, self.device)
         lens = (cu[1:] - cu[:-1]).long()
         max_len = int(lens.max())
@@ -259,10 +264,11 @@ class DecoderRunner:
             raise InvalidInputError(f"decode: expected one token per live row ({n}), got "
                                     f"shape {list(tokens.shape)}")
         state.tokens[:n].copy_(tokens)
-        if self.cuda_graphs and state.tokens.is_cuda:
-            out = self._graph_step(state, n)
-        else:
-            out = self._step(state, n)
+        with phase("gream.decode"):
+            if self.cuda_graphs and state.tokens.is_cuda:
+                out = self._graph_step(state, n)
+            else:
+                out = self._step(state, n)
         state.steps += 1
         return out
 
@@ -276,14 +282,20 @@ class DecoderRunner:
         lens.add_(1)  # the attention covers the entry written now
         x = self.embed(state.tokens[:n])
         hkv, d = self.num_kv_heads, self.head_dim
+        # every row holds state.steps + 1 suffix entries now: the torch path reads no more (the
+        # kernel stops at each row's length itself, over shapes a CUDA graph can keep)
+        s = state.suffix_k.shape[2] if state.suffix_k.is_cuda else state.steps + 1
+        plan = None if state.suffix_k.is_cuda else cpu_plan(state.prefix_cu, state.row_cu, lens,
+                                                             state.prefix_k[0].dtype)
         for i, layer in enumerate(self.layers):
             def attend(h, i=i, layer=layer):
                 q, k, v = self._qkv(layer, h, cos, sin)
                 state.suffix_k[i].view(-1, hkv, d).index_copy_(0, write, k)
                 state.suffix_v[i].view(-1, hkv, d).index_copy_(0, write, v)
                 return shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i],
-                                               state.prefix_cu, state.row_cu, state.suffix_k[i, :n],
-                                               state.suffix_v[i, :n], lens, self.scale, check=False)
+                                               state.prefix_cu, state.row_cu,
+                                               state.suffix_k[i, :n, :s], state.suffix_v[i, :n, :s],
+                                               lens, self.scale, check=False, cpu_plan=plan)
             x = self._block(layer, x, attend)
         return self.norm(x)
 
