@@ -22,9 +22,11 @@ Memory, with C rows per chunk, V vocabulary rows, H hidden size, N rows of which
     gradient) and their cast to the matmul dtype, plus the kept gradients: grad wrt hidden [N, H]
     (autograd would hold it anyway) and the float32 accumulator of grad wrt weight [V, H]
     (V x H x 4: 622 MB at Qwen3-0.6B; the optimizer needs a weight gradient of that size anyway).
-  The default chunk keeps C x V at 2^26 elements (256 MB of float32 logits): 443 rows at V=151936.
+  The default chunk keeps C x V at most 2^26 elements (256 MB of float32 logits: 443 rows at
+  V=151936) and C at most 1,024 rows (a small vocabulary gains no speed from longer chunks, the
+  product already reuses each weight row 1,024 times, only memory: 16 MB at V=4096).
 Precision: the matmuls run in autocast's dtype when autocast is on (bfloat16 on GPU, as the LM
-head would; the weight is cast once per call), else in the dtype of `hidden`; log-sum-exp and the
+head would; the weight is cast once per call), else in the dtype of `hidden`; log-softmax and the
 gradient of the logits in float32; the weight gradient accumulated over chunks in float32 (each
 chunk's product rounded to the matmul dtype first).
 """
@@ -33,11 +35,12 @@ import torch
 from gream_fast.errors import InvalidInputError
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 26  # default C x V
+CHUNK_ELEMENTS = 1 << 26  # default C x V at most
+CHUNK_ROWS = 1024  # and C at most: each weight row is already reused C times per chunk
 
 
 def default_chunk(vocab: int) -> int:
-    return max(16, CHUNK_ELEMENTS // max(vocab, 1))
+    return max(16, min(CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -73,14 +76,15 @@ class _ChunkedCE(torch.autograd.Function):
             for start in range(0, rows.numel(), chunk):
                 idx = rows[start:start + chunk]
                 h, y = hidden.index_select(0, idx).to(dtype), labels.index_select(0, idx)
-                logits = _chunk_logits(h, w, dtype)  # [C, V]
-                lse = torch.logsumexp(logits, dim=1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                # one fused log-softmax pass (not logsumexp's max, subtract, exp, sum, log)
+                logp = torch.log_softmax(_chunk_logits(h, w, dtype), dim=1)  # [C, V]
+                total -= logp.gather(1, y[:, None]).sum()
                 if not (need_h or need_w):
                     continue
-                # d/dlogits of scale * sum(lse - logit_y) = scale * (softmax - one_hot), in place
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(idx.numel(), device=g.device), y] -= 1.0
+                # d/dlogits of scale * sum(-logp_y) = scale * (softmax - one_hot), in place (in
+                # float32: p_y - 1 of a confident row would cancel in bfloat16)
+                g = logp.exp_()
+                g.scatter_add_(1, y[:, None], torch.full_like(g[:, :1], -1.0))
                 g = g.mul_(scale).to(dtype)
                 if need_h:
                     grad_h.index_copy_(0, idx, (g @ w).to(grad_h.dtype))
@@ -107,7 +111,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     the positions whose label is not -100, and how many those are (an int).
 
     hidden [N, H] (or [..., H] with labels [...]); lm_head_weight [V, H]; chunk: rows per chunk
-    (default: C x V = 2^26). reduction "mean" divides the sum by the count (0 when the count is
+    (default: default_chunk). reduction "mean" divides the sum by the count (0 when the count is
     0), "sum" returns the sum; `normalizer`, when given, divides the sum by it instead (gradient
     accumulation: the token count of the whole optimizer step). Labels are used as given: shift
     them for next-token prediction before calling."""
@@ -148,30 +152,27 @@ class _TokenLogprobs(torch.autograd.Function):
     the end of the graph: the loss's gradient g [M] wrt them (the SRPO ratio, clip and KL) is
     known only once the whole vector exists, and the weight gradient sum_i g_i (onehot_i -
     p_i)^T h_i needs every row's softmax p_i (all V of it) scaled by g_i. Computing it in the
-    forward pass would mean keeping P [M, V]; the forward keeps only each row's log-sum-exp
-    ([M] float32), so the backward's softmax is one exp per chunk. Cost: 4 matmuls per chunk
-    (forward logits; backward logits, grad wrt hidden, grad wrt weight) instead of 3, for C x V
-    float32 logits at a time instead of M x V (plus [M, V] of their gradient) for autograd.
+    forward pass would mean keeping P [M, V]; the forward keeps nothing of the logits, the
+    backward recomputes them and takes one fused softmax. Cost: 4 matmuls per chunk (forward
+    logits; backward logits, grad wrt hidden, grad wrt weight) instead of 3, for C x V float32
+    logits at a time instead of M x V (plus [M, V] of their gradient) for autograd.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk, dtype):
         w = weight if weight.dtype == dtype else weight.to(dtype)
         out = torch.empty(len(target), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, len(target), chunk):
-                logits = _chunk_logits(hidden[s:s + chunk], w, dtype)  # [C, V]
-                lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
-                out[s:s + chunk] = logits.gather(1, target[s:s + chunk, None]).squeeze(1) \
-                    - lse[s:s + chunk]
-        ctx.save_for_backward(hidden, weight, target, lse)
+                logp = torch.log_softmax(_chunk_logits(hidden[s:s + chunk], w, dtype), dim=1)
+                out[s:s + chunk] = logp.gather(1, target[s:s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, target)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, target, lse = ctx.saved_tensors
+        hidden, weight, target = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk, dtype = ctx.chunk, ctx.dtype
         w = weight if weight.dtype == dtype else weight.to(dtype)
@@ -181,13 +182,11 @@ class _TokenLogprobs(torch.autograd.Function):
             if need_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, len(target), chunk):
-                h = hidden[s:s + chunk].to(dtype)
-                g_out = grad_out[s:s + chunk]
-                # d(sum g * logp)/dlogits = g * (onehot - softmax), built in place
-                g = _chunk_logits(h, w, dtype).sub_(lse[s:s + chunk, None]).exp_()
-                g.mul_(-g_out[:, None])
-                g[torch.arange(len(h), device=g.device), target[s:s + chunk]] += g_out
-                g = g.to(dtype)
+                h, t = hidden[s:s + chunk].to(dtype), target[s:s + chunk]
+                g_out = grad_out[s:s + chunk, None]
+                # d(sum g * logp)/dlogits = g * (onehot - softmax), in place in float32
+                g = torch.softmax(_chunk_logits(h, w, dtype), dim=1).mul_(-g_out)
+                g = g.scatter_add_(1, t[:, None], g_out).to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(grad_h.dtype)
                 if need_w:
@@ -200,7 +199,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     """log_softmax(hidden @ weight.T, -1).gather(1, target[:, None]).squeeze(1), [M] float32,
     differentiable wrt hidden and weight, holding one chunk's [C, V] float32 logits at a time
     (see _TokenLogprobs for why its backward recomputes them). hidden [M, H]; weight [V, H] (the
-    LM head, no bias); target [M] token ids; chunk: rows per chunk (default C x V = 2^26).
+    LM head, no bias); target [M] token ids; chunk: rows per chunk (default_chunk).
     Precision as chunked_cross_entropy: matmuls in autocast's dtype or hidden's, log-softmax in
     float32, the weight gradient accumulated in float32."""
     if hidden.ndim != 2 or target.ndim != 1 or len(target) != len(hidden):

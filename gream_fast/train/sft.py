@@ -123,7 +123,7 @@ HELP = {
     "bf16": "bfloat16 autocast on CUDA (float32 master weights); CPU always runs float32",
     "gradient_checkpointing": "recompute the decoder layers' activations in the backward pass",
     "log_every": "steps per metrics line",
-    "chunk": "rows per chunk of the cross-entropy (0: about 2^26 logits per chunk)",
+    "chunk": "rows per chunk of the cross-entropy (0: train.loss.default_chunk)",
     "vocab_size": "--init tiny: BPE tokens before the special and SID tokens",
     "tiny_size": "--init tiny: base (hidden 256, 4 layers) or small (hidden 128, 2 layers: "
                  "~3.5x the tokens/s on a CPU; the demo's); see gream_fast/model/tiny.py",
