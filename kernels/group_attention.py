@@ -45,14 +45,18 @@ Three paths, one contract (DESIGN.md):
    response attention over [prompt keys, own response keys]; plain autograd. The oracle; it
    keeps every probability for its backward (sum over responses of R (P + R) per head).
 2. Triton kernels (CUDA; the interpreter in tests), see the section header below.
-3. group_attention dispatches: Triton on CUDA (and under TRITON_INTERPRET=1), and on CPU a
-   chunked torch path with its own autograd.Function (flash-style: saves q, k, v, o, lse and
-   recomputes each chunk's scores in backward), so CPU training has memory linear in tokens.
+3. group_attention dispatches: Triton on CUDA (and under TRITON_INTERPRET=1); on CPU torch's
+   fused attention, one causal call per group over its n sequences [prompt, response i] (the
+   fastest CPU path; the prompt's queries rerun n times inside the attention), or, when the
+   caller wants the lse, a chunked torch path with its own autograd.Function (flash-style:
+   saves q, k, v, o, lse and recomputes each chunk's scores in backward). Both keep CPU
+   training's memory linear in tokens.
 """
 import numbers
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -753,6 +757,36 @@ class _ChunkedGroupAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+def _sdpa_group_attention(q, k, v, layout, scale):
+    """o [N, Hq, D] on torch's fused attention: per group one causal call over its n
+    sequences [prompt, response i] (responses right-padded: a query never sees a later pad),
+    the prompt's outputs taken from the first. The prompt's queries rerun n times inside the
+    attention alone (+n P^2/2 score work, nothing of it kept), and what is saved for the
+    backward is q, k, v of those sequences and o: linear in the tokens."""
+    seg, gseg = layout.seg_cu.tolist(), layout.group_seg.tolist()
+    key = ("sdpa-index", layout.N)
+    if key not in layout._cache:  # the gather index of each group, reused by every layer
+        plan = []
+        for g in range(layout.G):
+            p0, p1 = seg[gseg[g]], seg[gseg[g] + 1]
+            rs = [(seg[i], seg[i + 1]) for i in range(gseg[g] + 1, gseg[g + 1])] or [(p1, p1)]
+            width = max(b - a for a, b in rs)
+            idx = torch.tensor([list(range(p0, p1)) + list(range(a, b)) + [p0] * (width - b + a)
+                                for a, b in rs], device=q.device)
+            plan.append((idx, p1 - p0, rs))
+        layout._cache[key] = plan
+    out = []
+    for idx, P, rs in layout._cache[key]:
+        # (index_select: its backward is an index_add, not advanced indexing's sorting put)
+        qs, ks, vs = (x.index_select(0, idx.flatten()).unflatten(0, idx.shape).transpose(1, 2)
+                      for x in (q, k, v))  # [n, H, P + R, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                           enable_gqa=True).transpose(1, 2)
+        out.append(o[0, :P])
+        out += [o[i, P:P + b - a] for i, (a, b) in enumerate(rs) if b > a]
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3b. Checks and the public entry point
 # ---------------------------------------------------------------------------------------------
@@ -841,8 +875,9 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: G
     Returns o [N, Hq, D] in q.dtype, and with return_lse also lse [N, Hq] (float32; float64 for
     float64 inputs).
 
-    Triton on CUDA tensors (and on CPU under TRITON_INTERPRET=1); on CPU otherwise a chunked
-    torch path whose backward recomputes the scores (memory linear in the tokens). Shapes are
+    Triton on CUDA tensors (and on CPU under TRITON_INTERPRET=1); on CPU otherwise torch's
+    fused attention per group (_sdpa_group_attention), or, with return_lse, a chunked torch
+    path whose backward recomputes the scores (both: memory linear in the tokens). Shapes are
     always checked. The layout's values, which the kernels trust, are checked on the first call
     with each layout object (one host sync; every layer of a step then reuses the result; a
     layout edited in place afterwards is not checked again); check=False skips that check.
@@ -861,6 +896,8 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: G
             raise InvalidInputError(f"q: head dim D={q.shape[2]}, the Triton path takes D <= "
                                     f"{_MAX_HEAD_DIM}")
         o, lse = _TritonGroupAttention.apply(q, k, v, layout, scale)
+    elif not return_lse:
+        return _sdpa_group_attention(q, k, v, layout, scale)
     else:
         o, lse = _ChunkedGroupAttention.apply(q, k, v, layout, scale, _CHUNK_ELEMS)
     return (o, lse) if return_lse else o
