@@ -35,3 +35,13 @@ def poisoned_empty(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The kernels' torch paths instead of Triton's interpreter, for tests of the loops around
+    them (training, rollouts): each kernel has its own tests against its reference through the
+    interpreter, and interpreting every kernel of a training loop would take minutes."""
+    from gream_fast.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", False)

@@ -252,6 +252,7 @@ def srpo_updates(out):
         (out / "stats.json").write_text(json.dumps(stats))
 
 
+@pytest.mark.usefixtures("torch_kernels")
 def test_srpo_update_two_ranks_match_one(tmp_path, one_thread):
     """The update on fixed groups split over two ranks is the single-process update on all of
     them: the loss normaliser makes the averaged gradient the global token mean, and the
@@ -279,6 +280,7 @@ def test_srpo_update_two_ranks_match_one(tmp_path, one_thread):
     assert s1[0]["grad_norm"] > 1.0  # the clip was active: the global norm decided it
 
 
+@pytest.mark.usefixtures("torch_kernels")
 def test_srpo_train_two_ranks(tmp_path):
     """`train srpo` on two ranks: rollouts on the gathered weights, per-rank prompts, rank 0
     alone writes metrics / checkpoints / best / final, and one process resumes its checkpoint."""

@@ -23,6 +23,8 @@ from gream_fast.model import DecoderRunner
 
 from tiny_data import make_data_and_index
 
+pytestmark = pytest.mark.usefixtures("torch_kernels")  # the loop's logic, not the kernels'
+
 SHAPE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              head_dim=16, intermediate_size=64)
 
@@ -110,15 +112,6 @@ def oracle(runner, prompts, answer_ids, budget, temperature, top_p, eos_token_id
         hidden = runner.decode(tok, state)
         step += 1
     return toks_out, lps_out, forced, sid_start, items, stopped
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    """The kernels' torch references, not Triton's interpreter: the loop's logic is what these
-    tests check (the kernels have theirs), and the interpreter would take minutes here."""
-    from gream_fast.kernels import _backend
-
-    monkeypatch.setattr(_backend, "INTERPRET", False)
 
 
 @pytest.fixture(scope="module")

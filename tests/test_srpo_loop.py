@@ -13,6 +13,8 @@ from gream_fast.files import read_jsonl
 from gream_fast.train.srpo_loop import Instances, SRPOConfig, model_dir, train
 
 from tiny_data import LEVELS, make_data_and_index
+
+pytestmark = pytest.mark.usefixtures("torch_kernels")  # whole runs: the kernels' torch paths
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              head_dim=16, intermediate_size=64)
 

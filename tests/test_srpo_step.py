@@ -211,3 +211,57 @@ def test_reasoning_step_updates_the_policy_and_gates_the_reward():
     assert all(np.isfinite(stats[k]) for k in ("loss", "grad_norm", "reward_mean", "kl"))
     assert stats["response_len"] > LEVELS + 1 and abs(stats["kl"]) < 1e-6
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_packs_and_checkpointing_give_the_whole_steps_update():
+    """srpo_update over packs of at most a token budget (each pack's loss backpropagated in
+    turn) and with gradient checkpointing gives the one-pass update: the same loss and the
+    same gradient step (plain SGD: the weights move by the gradient)."""
+    from gream_fast.train.srpo import srpo_update
+
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    g = torch.Generator().manual_seed(0)
+    responses = [[[int(t) for t in torch.randint(BASE, BASE + K, (2,), generator=g)] + [EOS]
+                  for _ in range(4)] for _ in prompts]
+    rewards = torch.tensor([1.0, 0.5, 0.0, 0.707] * 3)
+    starts = torch.zeros(12, dtype=torch.int64)
+    results = []
+    for budget, ckpt in ((0, False), (9, False), (14, True), (3, False)):
+        model, con = setup(seed=2)
+        ref = copy.deepcopy(model).eval()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        st = srpo_update(model, ref, opt, prompts, responses, rewards, starts, con,
+                         SRPOStepConfig(n=4, token_budget=budget, checkpointing=ckpt))
+        step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        results.append((st, step))
+    (one, base), *rest = results
+    assert one["packs"] == 1 and [r[0]["packs"] for r in rest] == [8, 5, 12]  # groups split
+    for st, step in rest:
+        assert abs(st["loss"] - one["loss"]) < 1e-6 and st["tokens"] >= one["tokens"]
+        torch.testing.assert_close(step, base, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_recomputes_even_in_eval_mode():
+    """A policy straight from sampling (or from_pretrained) is in eval mode, where transformers
+    would not checkpoint: checkpointing() still makes the pass keep only the layers' inputs
+    (far fewer saved elements), changes no log-prob, and leaves every module's mode as it was."""
+    from gream_fast.train.group_pack import group_attention_mode, pack_groups
+    from gream_fast.train.srpo import checkpointing, response_logprobs
+
+    model, con = setup(seed=3)
+    model.eval()
+    batch = pack_groups([[3, 4, 5, 6], [7, 8]], [[[BASE, BASE + K + 1, EOS]] * 3] * 2)
+    starts = torch.zeros(6, dtype=torch.int64)
+    saved, logps = {}, {}
+    for on in (False, True):
+        sizes = []
+        with checkpointing(model, on), group_attention_mode(model), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                         lambda t: t):
+            logps[on] = response_logprobs(model, batch, con, "full", starts)
+            logps[on].sum().backward()
+        saved[on] = sum(sizes)
+    assert saved[True] < saved[False] / 2
+    torch.testing.assert_close(logps[True], logps[False])
+    assert not any(m.training for m in model.modules())

@@ -7,14 +7,19 @@
  -> dynamic sampling: groups whose rewards are all equal teach nothing and are dropped; more
     batches are drawn (up to max_draws) until enough groups remain, then truncated
  -> bonus-calibrated group advantage (kernels.group_advantage)
- -> old, reference and policy log-probs on shared-prefix packed groups (train.group_pack: the
-    prompt runs once per group, not n times), free text always over the full vocabulary
-    (train.loss.token_logprobs, chunked), the SID per cfg.score
+ -> reference and policy log-probs on shared-prefix packed groups (train.group_pack: the
+    prompt runs once per group, not n times, with kernels.group_attention: no [T, T] mask),
+    free text always over the full vocabulary (train.loss.token_logprobs, chunked), the SID
+    per cfg.score; in packs of at most cfg.token_budget tokens, each pack's loss
+    backpropagated in turn
  -> PPO-clip with dual clip + k3 KL to the frozen SFT model, token mean (train.srpo_loss)
  -> clip the gradient norm, optimizer step.
-Old log-probs are recomputed by the same packed forward (no_grad) as the policy's, so the
-first update's ratio is exactly 1, not the rollout engine's rounding.
+One update per rollout batch: the old policy is the current one, so the old log-probs are the
+policy pass's own (detached; the ratio exactly 1, not the rollout engine's rounding) and cost
+no pass.
 """
+import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -24,9 +29,11 @@ from gream_fast.errors import InvalidInputError
 from gream_fast.generate import sample
 from gream_fast.index.trie import PrefixTrie
 from gream_fast.kernels import group_advantage, sid_logprob
+from gream_fast.profiling import phase
 from gream_fast.train import distributed
 from gream_fast.train.distributed import World
-from gream_fast.train.group_pack import pack_groups, response_hidden
+from gream_fast.train.group_pack import (group_attention_mode, pack_groups, response_hidden,
+                                         split_groups)
 from gream_fast.train.loss import token_logprobs
 from gream_fast.train.rewards import ThinkFormat, gated_sid_reward, sid_reward
 from gream_fast.train.srpo_loss import SRPOLossConfig, srpo_loss
@@ -44,6 +51,8 @@ class SRPOStepConfig:
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
     bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
+    token_budget: int = 0  # tokens per packed pass (0: the whole step in one pass)
+    checkpointing: bool = False  # recompute the policy's layer activations in the backward
     loss: SRPOLossConfig = SRPOLossConfig()
 
 
@@ -95,22 +104,26 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
     sid_start [R]) on the CPU."""
     trie = sid_trie(constraint)
     tgt = torch.as_tensor(targets).repeat_interleave(cfg.n)
-    if cfg.mode == "direct":
-        roll = sample(policy, prompts, constraint, n=cfg.n, temperature=cfg.temperature,
-                      seed=seed)
-        pred = torch.where(roll.mask, roll.tokens, -1).cpu()
-        reward, match = sid_reward(pred, tgt, trie, eos_token_id=constraint.eos_token_id)
-        return pred, reward, match, torch.zeros(len(pred), dtype=torch.int64)
-    if fmt is None:
+    if cfg.mode == "reasoning" and fmt is None:
         raise InvalidInputError("srpo_step: reasoning mode needs the ThinkFormat (fmt) of the "
                                 "tokenizer's markers")
-    roll = sample(policy, prompts, constraint, tokenizer, n=cfg.n, temperature=cfg.temperature,
-                  mode="reasoning", seed=seed, think_budget=cfg.think_budget,
-                  answer_ids=fmt.answer, stop_ids=list(fmt.stop) or None)
+    with phase("gream.rollout"):
+        if cfg.mode == "direct":
+            roll = sample(policy, prompts, constraint, n=cfg.n, temperature=cfg.temperature,
+                          seed=seed)
+        else:
+            roll = sample(policy, prompts, constraint, tokenizer, n=cfg.n,
+                          temperature=cfg.temperature, mode="reasoning", seed=seed,
+                          think_budget=cfg.think_budget, answer_ids=fmt.answer,
+                          stop_ids=list(fmt.stop) or None)
     pred = torch.where(roll.mask, roll.tokens, -1).cpu()
-    start = roll.sid_start.cpu()
-    reward, match, _ = gated_sid_reward(pred, start, tgt, trie, constraint.eos_token_id, fmt,
-                                        constraint.token_table)
+    with phase("gream.reward"):
+        if cfg.mode == "direct":
+            reward, match = sid_reward(pred, tgt, trie, eos_token_id=constraint.eos_token_id)
+            return pred, reward, match, torch.zeros(len(pred), dtype=torch.int64)
+        start = roll.sid_start.cpu()
+        reward, match, _ = gated_sid_reward(pred, start, tgt, trie, constraint.eos_token_id,
+                                            fmt, constraint.token_table)
     return pred, reward, match, start
 
 
@@ -193,53 +206,109 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     token lists), rewards [R] and sid_start [R] over the responses in order. Advantages are per
     group, the loss is the mean over all response tokens of the step (in a sharded run: over
     every rank's, via the loss normaliser), and the statistics are the step's, all ranks'
-    together. A rank with no groups runs one zero-weight group: FSDP's collectives run per
-    forward and backward."""
+    together.
+
+    The passes run over packs of at most cfg.token_budget tokens (train.group_pack.split_groups;
+    0: one pack): the old and reference log-probs pack by pack without gradients, then each
+    pack's share of the loss (its token sums over the step's token count) is backpropagated
+    before the next pack runs, so the gradient is the whole step's while only one pack's
+    activations are alive (cfg.checkpointing recomputes them layer by layer in the backward).
+    In a sharded run every rank runs as many packs as the rank with the most (zero-weight
+    placeholders), since FSDP's collectives run per forward and backward."""
     t1 = time.perf_counter()
     logprob_fn = logprob_fn or (lambda *a: response_logprobs(policy, *a))
     dev = next(policy.parameters()).device
     empty = not prompts
     if empty:
         prompts, responses, rewards, starts = _placeholder_group(constraint)
-    batch = pack_groups(prompts, responses)
     sizes = torch.tensor([len(r) for r in responses])
     groups = torch.repeat_interleave(torch.arange(len(prompts)), sizes)
-    adv = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)[batch.response.to(dev)]
+    with phase("gream.advantage"):
+        adv_resp = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)
+    starts = torch.as_tensor(starts)
+    packs = [(pack_groups([prompts[g] for g in gs], rs), torch.tensor(flat))
+             for gs, rs, flat in split_groups(prompts, responses, cfg.token_budget)]
+    weight = [not empty] * len(packs)
+    most = int(distributed.all_reduce(torch.tensor([float(len(packs))]), world, op="max"))
+    for _ in range(most - len(packs)):  # a rank with fewer packs runs zero-weight ones
+        p, r, _, _ = _placeholder_group(constraint)
+        packs.append((pack_groups(p, r), torch.zeros(1, dtype=torch.int64)))  # (any response)
+        weight.append(False)
+    # the step's response tokens, all ranks: every pack's loss sums over this count
+    tokens = distributed.all_reduce(torch.tensor(float(sum(
+        b.target.numel() for (b, _), w in zip(packs, weight) if w))), world)
+    normalizer = max(float(tokens), 1.0) / world.size
     # log-softmax, the loss and the ratios stay float32 under autocast (the log-prob paths
     # upcast the logits); only the decoder's and the head's matmuls run in bfloat16
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    was_training = policy.training
-    policy.eval()
-    with torch.no_grad(), autocast:
-        old = logprob_fn(batch, constraint, cfg.score, starts)
-        ref = (response_logprobs(ref_model, batch, constraint, cfg.score, starts)
-               if ref_model is not None else None)
+    refs = []
+    if ref_model is not None:
+        with torch.no_grad(), autocast, phase("gream.logprob_pass"):
+            refs = [response_logprobs(ref_model, batch, constraint, cfg.score, starts[flat])
+                    for batch, flat in packs]
     t2 = time.perf_counter()
-    policy.train(was_training)
-    with autocast:
-        logp = logprob_fn(batch, constraint, cfg.score, starts)
-    mask = torch.full_like(logp, not empty, dtype=torch.bool)
-    tokens = distributed.all_reduce(mask.sum().double(), world)
-    normalizer = float(tokens) / world.size if world.distributed else None
-    loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                                 cfg.clip_grad))
-    optimizer.step()
+    totals = None
+    # (the group attention stays the model's through the backward: checkpointing recomputes)
+    with checkpointing(policy, cfg.checkpointing), group_attention_mode(policy):
+        for (batch, flat), ref, w in itertools.zip_longest(packs, refs, weight):
+            with autocast, phase("gream.logprob_pass"):
+                logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
+            # one update per rollout batch: the old policy is this one, the ratio exactly 1
+            # (its gradient is the policy gradient); no pass of its own
+            old = logp.detach()
+            mask = torch.full_like(logp, w, dtype=torch.bool)
+            adv = adv_resp[flat.to(dev)][batch.response.to(dev)]
+            with phase("gream.loss"):
+                loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
+            with phase("gream.backward"):
+                loss.backward()
+            part = torch.stack([loss.detach(), *loss_stats.values(),
+                                -(old.double() * mask).sum(),
+                                torch.tensor(float(batch.num_tokens * w))]).double().cpu()
+            totals = part if totals is None else totals + part
+    with phase("gream.optimizer"):
+        grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                                     cfg.clip_grad))
+        optimizer.step()
     t3 = time.perf_counter()
     # sums over the ranks; the token means (loss, kl, clip fraction) are already each rank's
     # share of the global mean
     r = rewards.double() * (not empty)
-    local = [loss.detach(), *loss_stats.values(), r.sum(), (r == 1.0).sum(),
-             len(r) * (not empty), -(old.double() * mask).sum(), batch.num_tokens * (not empty)]
-    local = torch.stack([torch.as_tensor(v).detach().double().cpu() for v in local])
+    local = torch.cat([totals, torch.tensor([r.sum(), (r == 1.0).sum(),
+                                             len(r) * (not empty)], dtype=torch.float64)])
     total = distributed.all_reduce(local, world).tolist()
     scale = 1 / world.size
     loss_sum, *means = total[:1 + len(loss_stats)]
-    reward_sum, exact, n_resp, neg_old, packed = total[1 + len(loss_stats):]
+    neg_old, packed, reward_sum, exact, n_resp = total[1 + len(loss_stats):]
     return {"updated": True, "loss": loss_sum * scale, "grad_norm": float(grad_norm),
             "reward_mean": reward_sum / n_resp, "exact_rate": exact / n_resp,
             "entropy_proxy": neg_old / float(tokens), "response_len": float(tokens) / n_resp,
             "tokens": int(packed), **{k: v * scale for k, v in zip(loss_stats, means)},
-            "scoring_s": t2 - t1, "update_s": t3 - t2}
+            "packs": len(packs), "scoring_s": t2 - t1, "update_s": t3 - t2}
+
+
+@contextlib.contextmanager
+def checkpointing(model, on: bool):
+    """Hugging Face gradient checkpointing of the decoder layers inside the block (the
+    activations of one layer at a time are recomputed in the backward), off again after.
+    Transformers checkpoints a layer only while that layer is in training mode, and a policy
+    that was just sampled from (or loaded by from_pretrained) is in eval mode: the layers alone
+    are put in training mode for the block, their submodules stay as they are (no dropout
+    turns on)."""
+    if not on:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    modes = [m.training for m in layers]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        for m in layers:
+            m.training = True  # (not .train(): that would reach the attention's dropout)
+        yield
+    finally:
+        for m, mode in zip(layers, modes):
+            m.training = mode
+        model.gradient_checkpointing_disable()

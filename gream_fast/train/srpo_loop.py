@@ -55,7 +55,7 @@ STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
 # as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
 RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
-             "index", "allow_index_mismatch"}
+             "index", "allow_index_mismatch", "token_budget", "gradient_checkpointing"}
 
 
 @dataclass
@@ -88,6 +88,8 @@ class SRPOConfig:
     eval_users: int = 200
     best_metric: str = "recall@10"
     bf16: bool = True
+    token_budget: int = 0
+    gradient_checkpointing: bool = False
     allow_index_mismatch: bool = False
 
 
@@ -121,6 +123,10 @@ HELP = {
     "eval_users": "validation users evaluated (the first ones; 0: all)",
     "bf16": "bfloat16 autocast of the log-prob passes on CUDA (float32 master weights); CPU "
             "always runs float32",
+    "token_budget": "tokens per packed log-prob pass (0: the step's groups in one pass); the "
+                    "passes' gradients add up to the step's, so a budget bounds memory only "
+                    "(reasoning mode at the reference's lengths: e.g. 32768)",
+    "gradient_checkpointing": "recompute the policy's layer activations in the backward",
     "allow_index_mismatch": INDEX_MISMATCH_HELP,
     "best_metric": "with --eval-every: best/ keeps the policy with the highest validation value "
                    "of this metric (recall@K or ndcg@K; ties: ndcg@10, then the earlier step)",
@@ -143,6 +149,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
         raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
     check_ranges(cfg, at_least={"steps": 1, "prompts_per_step": 1, "n": 1, "max_draws": 1,
                                 "max_history": 1, "eval_users": 0, "think_budget": 0,
+                                "token_budget": 0,
                                 **dict.fromkeys(("warmup_steps", "weight_decay", "beta",
                                                  "clip_grad", "save_every", "keep_checkpoints",
                                                  "stop_after", "eval_every"), 0)},
@@ -404,7 +411,9 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
-                              bf16=cfg.bf16 and device.type == "cuda")
+                              bf16=cfg.bf16 and device.type == "cuda",
+                              token_budget=cfg.token_budget,
+                              checkpointing=cfg.gradient_checkpointing)
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
     best = BestPolicy(run_dir, cfg.best_metric) if evaluating else None
