@@ -1,40 +1,53 @@
-"""One SRPO step (direct mode): ours (train.srpo.srpo_step) vs TRL's GRPOTrainer doing the same
-work with the same model: time per optimizer step and peak memory.
+"""One SRPO step, direct or reasoning mode: ours (train.srpo.srpo_step) vs TRL's GRPOTrainer
+doing the same work with the same model: time per optimizer step, rollout time and peak memory.
 
-    python benchmarks/bench_srpo.py [--quick] [--device cpu|cuda] [--repeat N] [--out DIR]
+    python benchmarks/bench_srpo.py [--mode direct|reasoning] [--quick] [--device cpu|cuda]
+                                    [--repeat N] [--out DIR] [--trace DIR]
 
 Both start from the same random-weight Qwen3 (one seed; TRL loads it from a temp folder, as its
 reference model must) and take P prompts x n rollouts per optimizer step: sampling at
-temperature 1, completions of SID length + 1 tokens, the residual-sensitive reward
-(train.rewards.sid_reward on the completion token ids), token-mean loss, KL coefficient 0.001 to
-a frozen copy, AdamW (lr 2e-6, weight decay 0.1), gradient clipping at 1.0.
+temperature 1, the residual-sensitive reward on the completion token ids (gated by the think
+format in reasoning mode), token-mean loss, KL coefficient 0.001 to a frozen copy, AdamW
+(lr 2e-6, weight decay 0.1), gradient clipping at 1.0.
   TRL GRPOTrainer  (the baseline) loss_type "dapo" (token mean over the batch), one generation
                    batch = one optimizer step (per_device_train_batch_size = P x n), HF generate,
                    prompts given as text to a word-level tokenizer that maps "<id>" to id, so
-                   it sees the same token ids; its rollouts are NOT constrained to real items.
-  ours             srpo_step: trie-constrained rollouts (every response a real item), prompt run
-                   once per group in every policy pass, bonus-calibrated advantage, dual-clip loss.
+                   it sees the same token ids; its rollouts are NOT constrained to real items;
+                   max_completion_length = SID length + 1 (direct) or think budget + marker +
+                   SID (reasoning); everything else TRL's defaults (gradient checkpointing on).
+  ours             srpo_step: trie-constrained rollouts (every response a real item; reasoning:
+                   the device-side think loop, the marker forced at the budget), the prompt run
+                   once per group in every policy pass (kernels.group_attention), packs of at
+                   most token_budget tokens with gradient accumulation, bonus-calibrated
+                   advantage, dual-clip loss; gradient checkpointing where the case says.
 Same work: before each of our steps the targets are set (untimed) from a sample with the seed
 and policy the step will use, so every group has reward variance and dynamic sampling keeps all
 P groups in one draw (random weights would otherwise rarely hit the target and redraw); the
 table reports draws and kept groups. TRL updates on all P x n completions whatever the rewards
 (unconstrained samples of a random model are rarely SIDs: its rewards are mostly 0, which changes
-no work it does). On CPU both run the kernels' torch references (never Triton's interpreter,
-even under pytest's TRITON_INTERPRET=1).
+no work it does). Reasoning mode uses a format that needs no think block (a random model never
+writes one), so rewards vary; a random model rarely samples the marker or EOS, so both sides
+think for about the whole budget. On CPU both run the kernels' torch references (never Triton's
+interpreter, even under pytest's TRITON_INTERPRET=1).
 
 Shapes: CUDA = Qwen3-0.6B in bf16 (weights, optimizer state and both passes; no autocast),
-64 prompts x 10, 128-token prompts, 20k items x 4 levels x 256 codes (5-token completions); CPU
-= the tiny Qwen3 (model/tiny.py TINY_SIZES["base"], 4096 tokens) in fp32, 16 prompts x 8, 32-token
-prompts, 2,000 items x 4 levels x 32 (quick: 4 x 4, 16-token prompts, 500 items). Each
-implementation runs in a fresh process: 2 warm-up steps, then min(--repeat, 5) timed
-steps (CPU: 3; quick: 2); time = median seconds per step, host-synchronised around each step.
+64 prompts x 10, 128-token prompts, 20k items x 4 levels x 256 codes (direct: 5-token
+completions; reasoning: think budget 1,024, packs of 65,536 tokens, checkpointing); CPU direct =
+the tiny Qwen3 (model/tiny.py TINY_SIZES["base"], 4096 tokens) in fp32, 16 prompts x 8, 32-token
+prompts, 2,000 items x 4 levels x 32 (quick: 4 x 4, 16-token prompts, 500 items); CPU reasoning
+= bench_generate's "tiny-small" (hidden 128, 2 layers), the same 16 x 8, think budget 256, packs
+of 4,096 tokens (quick: 4 x 4, budget 32). Each implementation runs in a fresh process: 2 warm-up
+steps, then min(--repeat, 5) timed steps (CPU: 3; quick: 2); time = median seconds per step,
+host-synchronised around each step.
 Peak memory: CUDA torch.cuda.max_memory_allocated over the timed steps (weights, reference
 model, gradients and optimizer state included); CPU the peak RSS over the timed steps (VmHWM,
-reset through /proc/self/clear_refs after the warm-up) minus the RSS after imports, i.e. the
-models, optimizer state and the step's transients (our untimed target pass is the rollout the
-step repeats: it adds no peak). What bounds a step: rollouts ((L+1) decode steps over P x n
-rows after one prefill), then passes over the packed groups (ours: old and reference log-probs
-without grad, the policy with grad; TRL: reference and policy, each prompt run n times).
+reset through /proc/self/clear_refs after the warm-up) minus the RSS after imports and a
+throwaway model build, i.e. the models, optimizer state and the step's transients (our untimed
+target pass is the rollout the step repeats: it adds no peak). What bounds a step: rollouts
+(one prefill, then one decode step per response token over P x n rows: op overhead at the tiny
+shapes, weight and KV reads at 0.6B), then passes over the packed groups (ours: reference
+log-probs without grad, the policy with grad; TRL: reference and policy, each prompt run n
+times).
 """
 import argparse
 import copy
@@ -54,17 +67,38 @@ from benchmarks.bench_generate import SHAPES  # noqa: E402
 from benchmarks.harness import Bench, common_args, spawn_worker  # noqa: E402
 
 EOS, PAD = 2, 0
+MARKER, END = [7, 8, 9], 5  # reasoning mode: the answer marker's ids, the SID's end token
 ISSUE_TRL = "2.64 s per step, 17.3 GiB peak (TRL 1.16 on one H200, as quoted in the issue)"
 LR, WEIGHT_DECAY, BETA, CLIP = 2e-6, 0.1, 0.001, 1.0
 
 
-def cases(device: str, quick: bool) -> dict:
+def cases(device: str, quick: bool, mode: str = "direct") -> dict:
+    """The shape of a step; budget: reasoning mode's think budget (0: direct mode)."""
+    if mode == "reasoning":
+        if device == "cuda":
+            return dict(shape="qwen3-0.6b", prompts=64, n=10, prompt_len=128, items=20_000,
+                        levels=4, k=256, budget=1024, token_budget=65536, checkpointing=True)
+        if quick:
+            return dict(shape="tiny-small", prompts=4, n=4, prompt_len=16, items=500, levels=4,
+                        k=32, budget=32, token_budget=0, checkpointing=True)
+        return dict(shape="tiny-small", prompts=16, n=8, prompt_len=32, items=2000, levels=4,
+                    k=32, budget=256, token_budget=4096, checkpointing=False)
     if device == "cuda":  # quick = the same shape, fewer timed steps
         return dict(shape="qwen3-0.6b", prompts=64, n=10, prompt_len=128, items=20_000,
-                    levels=4, k=256)
+                    levels=4, k=256, budget=0, token_budget=0, checkpointing=False)
     if quick:
-        return dict(shape="tiny", prompts=4, n=4, prompt_len=16, items=500, levels=4, k=32)
-    return dict(shape="tiny", prompts=16, n=8, prompt_len=32, items=2000, levels=4, k=32)
+        return dict(shape="tiny", prompts=4, n=4, prompt_len=16, items=500, levels=4, k=32,
+                    budget=0, token_budget=0, checkpointing=False)
+    return dict(shape="tiny", prompts=16, n=8, prompt_len=32, items=2000, levels=4, k=32,
+                budget=0, token_budget=0, checkpointing=False)
+
+
+def loose_format():
+    """The reasoning markers of the benchmark's word vocabulary, with no think block required:
+    a random model never writes one, and rewards must vary for the groups to be kept."""
+    from gream_fast.train.rewards import ThinkFormat
+
+    return ThinkFormat(MARKER, [], [], (EOS,))
 
 
 # -- the shared setup -------------------------------------------------------------------------
@@ -164,8 +198,9 @@ def step_clock(device, warmup: int, mem: Memory, on_warm=None, on_step=None):
 
 # -- the two workers (each runs in its own process) ------------------------------------------
 
-def run_ours(c, device, warmup, steps, profile_dir=None):
+def run_ours(c, device, warmup, steps, trace_dir=None):
     from gream_fast.generate import SIDConstraint, sample
+    from gream_fast.profiling import trace
     from gream_fast.train.srpo import SRPOStepConfig, srpo_step
     from gream_fast.train.srpo_loss import SRPOLossConfig
 
@@ -176,14 +211,21 @@ def run_ours(c, device, warmup, steps, profile_dir=None):
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     vocab = SHAPES[c["shape"]]["vocab_size"]
     index, table, base = make_items(c["items"], c["levels"], c["k"], vocab)
-    constraint = SIDConstraint(index, token_table=table, eos_token_id=EOS, device=device)
+    reasoning = c["budget"] > 0
+    constraint = SIDConstraint(index, token_table=table, eos_token_id=END if reasoning else EOS,
+                               device=device)
     decay = [p for p in policy.parameters() if p.ndim >= 2]
     no_decay = [p for p in policy.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR,
                             fused=device.type == "cuda" or None)
     cfg = SRPOStepConfig(n=c["n"], temperature=1.0, loss=SRPOLossConfig(beta=BETA),
-                         clip_grad=CLIP)
+                         clip_grad=CLIP, mode="reasoning" if reasoning else "direct",
+                         think_budget=c["budget"], token_budget=c["token_budget"],
+                         checkpointing=c["checkpointing"])
+    fmt = loose_format() if reasoning else None
+    extra = dict(mode="reasoning", think_budget=c["budget"], answer_ids=MARKER,
+                 stop_ids=[EOS]) if reasoning else {}
     total = warmup + steps
     prompts = make_prompts(total * c["prompts"], c["prompt_len"], base)
     times, stats = [], []
@@ -191,21 +233,22 @@ def run_ours(c, device, warmup, steps, profile_dir=None):
         batch = prompts[s * c["prompts"]:(s + 1) * c["prompts"]]
         # untimed: targets from the rollouts this step will draw, so every group has variance
         policy.eval()
-        roll = sample(policy, batch, constraint, n=c["n"], temperature=1.0, seed=s)
+        roll = sample(policy, batch, constraint, n=c["n"], temperature=1.0, seed=s, **extra)
         targets = roll.items.view(len(batch), c["n"])[:, 0].tolist()
         if s == warmup:
             mem.reset()
-            prof = _profiler(device) if profile_dir else None
+            prof = trace(Path(trace_dir) / "srpo-ours.trace.json") if trace_dir else None
+            if prof:
+                prof.start()
         sync(device)
         t0 = time.perf_counter()
-        st = srpo_step(policy, ref, opt, batch, targets, constraint, cfg, seed=s)
+        st = srpo_step(policy, ref, opt, batch, targets, constraint, cfg, seed=s, fmt=fmt)
         sync(device)
         if s >= warmup:
             times.append(time.perf_counter() - t0)
             stats.append(st)
-    if profile_dir:
-        prof.__exit__(None, None, None)
-        prof.export_chrome_trace(str(Path(profile_dir) / "srpo-ours.trace.json"))
+    if trace_dir:
+        prof.stop()  # writes the trace
     return {"times": times, "peak": mem.peak(),
             "draws": max(s["draws"] for s in stats),
             "kept_groups": min(s["kept_groups"] for s in stats),
@@ -228,22 +271,23 @@ def word_tokenizer(vocab):
                                    unk_token=f"<{PAD}>")
 
 
-def run_trl(c, device, warmup, steps, profile_dir=None):
+def run_trl(c, device, warmup, steps, trace_dir=None):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from gream_fast.generate import SIDConstraint
-    from gream_fast.train.rewards import sid_reward
-    from gream_fast.train.srpo import sid_trie
+    from gream_fast.integrations.core import completion_rewards
+    from gream_fast.profiling import trace
 
     _preimport("trl")
     mem = Memory(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = SHAPES[c["shape"]]["vocab_size"]
     index, table, base = make_items(c["items"], c["levels"], c["k"], vocab)
-    constraint = SIDConstraint(index, token_table=table, eos_token_id=EOS)
-    trie = sid_trie(constraint)
+    reasoning = c["budget"] > 0
+    constraint = SIDConstraint(index, token_table=table, eos_token_id=END if reasoning else EOS)
+    fmt = loose_format() if reasoning else None
     total = warmup + steps
     prompts = make_prompts(total * c["prompts"], c["prompt_len"], base)
     rng = np.random.default_rng(1)
@@ -254,18 +298,18 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
         raise RuntimeError("the word tokenizer does not give back the prompt's token ids")
 
     def residual_reward(prompts, completions, completion_ids, target, **_):
-        width = max(len(x) for x in completion_ids)
-        pred = np.full((len(completion_ids), width), -1, dtype=np.int64)
-        for i, ids in enumerate(completion_ids):
-            pred[i, :len(ids)] = ids
-        reward, _ = sid_reward(pred, np.asarray(target), trie, eos_token_id=EOS)
-        return reward.tolist()
+        """The residual-sensitive reward (gated in reasoning mode); unconstrained completions
+        that are no SID score 0."""
+        return completion_rewards(completion_ids, target, constraint,
+                                  mode="reasoning" if reasoning else "direct", fmt=fmt,
+                                  on_invalid="zero").reward.tolist()
 
     state = {}
 
     def on_warm():
-        if profile_dir:
-            state["prof"] = _profiler(device)
+        if trace_dir:
+            state["prof"] = trace(Path(trace_dir) / "srpo-trl.trace.json")
+            state["prof"].start()
 
     def on_step():
         m = state["trainer"]._metrics["train"]  # this step's, before TRL logs them
@@ -280,7 +324,8 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
         data = Dataset.from_dict({"prompt": texts, "target": targets})
         args = GRPOConfig(
             output_dir=tmp, per_device_train_batch_size=c["prompts"] * c["n"],
-            num_generations=c["n"], max_completion_length=c["levels"] + 1, temperature=1.0,
+            num_generations=c["n"], temperature=1.0,
+            max_completion_length=c["budget"] + len(MARKER) * reasoning + constraint.max_len,
             beta=BETA, loss_type="dapo", epsilon=0.2, learning_rate=LR,
             weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP, lr_scheduler_type="constant",
             max_steps=total, logging_strategy="no", save_strategy="no", report_to=[],
@@ -291,45 +336,37 @@ def run_trl(c, device, warmup, steps, profile_dir=None):
         state["trainer"] = trainer
         trainer.train()
         peak = mem.peak()
-    if profile_dir:
-        state["prof"].__exit__(None, None, None)
-        state["prof"].export_chrome_trace(str(Path(profile_dir) / "srpo-trl.trace.json"))
+    if trace_dir:
+        state["prof"].stop()
     lengths, rewards = state.get("completions/mean_length"), state.get("reward")
     return {"times": clock.times, "peak": peak,
             "completion_len": statistics.mean(lengths) if lengths else None,
             "reward_mean": statistics.mean(rewards) if rewards else None}
 
 
-def _profiler(device):
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(activities=acts)
-    prof.__enter__()
-    return prof
-
-
 def worker(args):
     device = torch.device(args.device)
     if device.type == "cpu":
         _cpu_kernels_are_torch()
-    c = cases(device.type, args.quick)
+    c = cases(device.type, args.quick, args.mode)
     warmup, steps = _steps(args, device)
     run = run_ours if args.worker == "ours" else run_trl
-    profile_dir = args.trace
-    if profile_dir:
-        Path(profile_dir).mkdir(parents=True, exist_ok=True)
-    out = run(c, device, warmup, steps, profile_dir)
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+    out = run(c, device, warmup, steps, args.trace)
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _preimport(impl):
-    """Import what a worker needs (before its timer starts)."""
+    """Import what a worker needs before its memory baseline and timer start, including what
+    transformers imports lazily at the first model it builds (~250 MB of RSS on CPU: a 1.4M
+    parameter model would otherwise look like a quarter gigabyte)."""
     import importlib
 
     mods = ["transformers", "gream_fast.train.srpo"] + (["datasets", "trl"] if impl == "trl" else [])
     for name in mods:
         importlib.import_module(name)
+    make_model("tiny-small", torch.device("cpu"), torch.float32)
 
 
 def _cpu_kernels_are_torch():
@@ -362,23 +399,27 @@ def trl_available() -> str | None:
 def main(argv=None):
     parser = common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("direct", "reasoning"), default="direct",
+                        help="direct: responses are SIDs; reasoning: think (--budget tokens), "
+                             "then the marker and a SID")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
-    bench = Bench("srpo", args)
+    bench = Bench(f"srpo-{args.mode}", args)
     dev = bench.device
-    c = cases(dev.type, args.quick)
+    c = cases(dev.type, args.quick, args.mode)
     rows = c["prompts"] * c["n"]
     items = f"{c['items'] // 1000}k" if c["items"] >= 1000 else str(c["items"])
     case = (f"{c['shape']} {c['prompts']} prompts x {c['n']}, P={c['prompt_len']}, "
-            f"{items} items x {c['levels']}x{c['k']}")
+            f"{items} items x {c['levels']}x{c['k']}"
+            + (f", think budget {c['budget']}" if c["budget"] else ""))
     gib = 2 ** 30 if dev.type == "cuda" else 2 ** 20
     unit_mem = "GiB" if dev.type == "cuda" else "MiB"
     what = "CUDA max allocated" if dev.type == "cuda" else "peak RSS above imports"
     missing = trl_available()
     base = None
     if missing is None:
-        r = spawn_worker(__file__, "trl", args)
+        r = spawn_worker(__file__, "trl", args, ["--mode", args.mode])
         t = statistics.median(r["times"])
         base = (t, r["peak"])
         clen = "-" if r["completion_len"] is None else f"{r['completion_len']:.2f}"
@@ -389,7 +430,7 @@ def main(argv=None):
         bench.note(missing)
         if dev.type == "cuda":
             bench.note(f"for reference only, not measured here: {ISSUE_TRL}")
-    r = spawn_worker(__file__, "ours", args)
+    r = spawn_worker(__file__, "ours", args, ["--mode", args.mode])
     t = statistics.median(r["times"])
     mem_ratio = "" if base is None else f"; memory TRL/ours {base[1] / max(r['peak'], 1):.1f}x"
     bench.add(case, "ours srpo_step (trie-constrained)", t, work=rows, unit="rollouts/s",
@@ -398,14 +439,19 @@ def main(argv=None):
                     f"draws {r['draws']}, kept groups {r['kept_groups']}/{c['prompts']}, "
                     f"response {r['response_len']:.2f} tokens; steps {_secs(r['times'])}")
     sp = r["split"]
-    bench.note(f"ours, median per step: rollout {sp['rollout_s'] * 1e3:.1f} ms, scoring (old + "
-               f"ref log-probs) {sp['scoring_s'] * 1e3:.1f} ms, update {sp['update_s'] * 1e3:.1f} "
-               f"ms; {r['tokens']:.0f} packed tokens per pass vs {rows * (c['prompt_len'] + c['levels'] + 1)} "
-               "padded rows x tokens in TRL's")
+    bench.note(f"ours, median per step: rollout {sp['rollout_s'] * 1e3:.1f} ms, scoring (ref "
+               f"log-probs) {sp['scoring_s'] * 1e3:.1f} ms, update {sp['update_s'] * 1e3:.1f} "
+               f"ms; {r['tokens']:.0f} packed tokens per pass vs about "
+               f"{rows * (c['prompt_len'] + r['response_len']):.0f} padded rows x tokens in "
+               "TRL's")
     bench.note("same work: same model weights, prompts, P x n and completion length; ours "
                "constrains rollouts to real items (trie), TRL samples the full vocabulary")
-    bench.note("target (issue): on an H100/H200 >= 5x TRL's step time (< 0.53 s vs 2.64 s on an "
-               "H200) at <= half its memory (17.3 GiB); CPU tiny: report both")
+    if args.mode == "direct":
+        bench.note("target (issue 6): on an H100/H200 >= 5x TRL's step time (< 0.53 s vs 2.64 s "
+                   "on an H200) at <= half its memory (17.3 GiB); CPU tiny: report both")
+    else:
+        bench.note("target (issue 16): CPU tiny, 16 x 8, budget 256: >= 3x TRL's step time at "
+                   "<= 1/2 its peak memory; GPU: the 0.6B shape, 64 x 10, budget 1,024")
     return bench.finish()
 
 

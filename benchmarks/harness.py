@@ -76,8 +76,9 @@ def common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def spawn_worker(script, worker: str, args: argparse.Namespace) -> dict:
-    """Run `script --worker WORKER` (with the common flags of `args`) in a fresh interpreter;
+def spawn_worker(script, worker: str, args: argparse.Namespace, extra=()) -> dict:
+    """Run `script --worker WORKER` (with the common flags of `args`, then `extra`) in a fresh
+    interpreter;
     the dict it printed on its last "RESULT {json}" line. Not a fork: a process that has
     already run torch's or numba's thread pools (a test session, for one) can leave a forked
     child waiting forever on a lock one of those threads held; and a CUDA context does not
@@ -85,7 +86,8 @@ def spawn_worker(script, worker: str, args: argparse.Namespace) -> dict:
     script = Path(script).resolve()
     cmd = [sys.executable, str(script), "--worker", worker, "--device", args.device,
            "--repeat", str(args.repeat), "--out", args.out]
-    cmd += ["--quick"] * args.quick + (["--trace", args.trace] if args.trace else [])
+    cmd += ["--quick"] * args.quick + (["--trace", args.trace] if args.trace else []) + [
+        str(x) for x in extra]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRITON_INTERPRET": "0",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run(cmd, cwd=BENCH_DIR.parent, capture_output=True, text=True, env=env)
