@@ -63,11 +63,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/bench_srpo.py`
 
-from benchmarks.bench_generate import SHAPES  # noqa: E402
+from benchmarks.bench_generate import END, MARKER, SHAPES  # noqa: E402
 from benchmarks.harness import Bench, common_args, spawn_worker  # noqa: E402
 
 EOS, PAD = 2, 0
-MARKER, END = [7, 8, 9], 5  # reasoning mode: the answer marker's ids, the SID's end token
 ISSUE_TRL = "2.64 s per step, 17.3 GiB peak (TRL 1.16 on one H200, as quoted in the issue)"
 LR, WEIGHT_DECAY, BETA, CLIP = 2e-6, 0.1, 0.001, 1.0
 

@@ -6,7 +6,7 @@ Outside a profiler both cost well under a microsecond.
 The phases: gream.prefill, gream.decode (one step of every live row), gream.trie_mask (the
 trie's children: mask, log-softmax, top-k or sample), gream.reason.step (a reasoning step:
 sample, phases, marker), gream.rollout, gream.reward, gream.advantage, gream.logprob_pass (a
-packed forward over groups: old, reference or policy), gream.loss, gream.backward,
+packed forward over groups: reference or policy), gream.loss, gream.backward,
 gream.optimizer.
 """
 import contextlib

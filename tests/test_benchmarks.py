@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,3 +39,49 @@ def test_bench_srpo_runs_against_trl(tmp_path, monkeypatch, capsys):
     assert all(r["time_ms"] > 0 for r in rows) and rows[1]["ratio"] > 0
     assert "kept groups 4/4" in rows[1]["notes"]  # the same work: every group updated
     assert "ratio" in capsys.readouterr().out
+
+
+def _trace_names(path) -> set:
+    return {e.get("name") for e in json.loads(Path(path).read_text())["traceEvents"]}
+
+
+@pytest.mark.usefixtures("torch_kernels")
+def test_bench_generate_reasoning_case_and_its_trace(tmp_path, monkeypatch):
+    """The reasoning-rollout case times HF generate and ours on the same rows (tokens/s both),
+    and --trace writes a profiler trace that names the engine's phases."""
+    import argparse
+
+    from benchmarks import bench_generate
+    from benchmarks.harness import Bench, common_args
+
+    monkeypatch.delenv("OUT", raising=False)
+    args = common_args(argparse.ArgumentParser()).parse_args(
+        ["--repeat", "1", "--out", str(tmp_path / "out"), "--trace", str(tmp_path / "trace"),
+         "--device", "cpu"])
+    bench = Bench("generate", args)
+    with bench.profiling():
+        bench_generate.reasoning_case(bench, args, "tiny-small", 2, 2, 8, 6, n_items=100)
+    hf, ours = bench.rows
+    assert hf["impl"].startswith("HF generate") and ours["impl"].startswith("ours")
+    assert hf["unit"] == ours["unit"] == "tokens/s" and ours["ratio"] > 0
+    # each row: up to 6 think tokens, the 3-token marker, a SID and its end token
+    assert 4 <= float(ours["notes"].split()[0]) <= 6 + 3 + 6
+    (path,) = (tmp_path / "trace").glob("generate-*.trace.json")
+    names = _trace_names(path)
+    assert {"gream.prefill", "gream.decode", "gream.reason.step", "gream.trie_mask"} <= names
+
+
+@pytest.mark.usefixtures("torch_kernels")
+def test_bench_srpo_reasoning_step_trace_names_every_phase(tmp_path):
+    """One reasoning-mode SRPO step of bench_srpo's own worker under --trace: the trace holds
+    each phase a user profiles, from the rollout to the optimizer step."""
+    from benchmarks import bench_srpo
+
+    c = {**bench_srpo.cases("cpu", True, "reasoning"), "prompts": 2, "n": 3, "budget": 6,
+         "items": 100}
+    out = bench_srpo.run_ours(c, torch.device("cpu"), 0, 1, str(tmp_path))
+    assert out["kept_groups"] == 2 and len(out["times"]) == 1
+    names = _trace_names(tmp_path / "srpo-ours.trace.json")
+    assert {"gream.rollout", "gream.prefill", "gream.decode", "gream.reason.step",
+            "gream.reward", "gream.advantage", "gream.logprob_pass", "gream.loss",
+            "gream.backward", "gream.optimizer"} <= names
