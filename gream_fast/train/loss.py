@@ -39,6 +39,7 @@ from gream_fast.errors import InvalidInputError
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 26  # default C x V at most
 CHUNK_ROWS = 256  # and C at most
+SAVED_PROBS = 1 << 24  # token_logprobs keeps the softmax for the backward up to M x V of this
 
 
 def default_chunk(vocab: int) -> int:
@@ -150,31 +151,34 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T).gather(target), chunk by chunk, forward and backward.
 
-    The backward recomputes each chunk's logits. Unlike cross-entropy, these log-probs are not
-    the end of the graph: the loss's gradient g [M] wrt them (the SRPO ratio, clip and KL) is
-    known only once the whole vector exists, and the weight gradient sum_i g_i (onehot_i -
-    p_i)^T h_i needs every row's softmax p_i (all V of it) scaled by g_i. Computing it in the
-    forward pass would mean keeping P [M, V]; the forward keeps nothing of the logits, the
-    backward recomputes them and takes one fused softmax. Cost: 4 matmuls per chunk (forward
-    logits; backward logits, grad wrt hidden, grad wrt weight) instead of 3, for C x V float32
-    logits at a time instead of M x V (plus [M, V] of their gradient) for autograd.
+    Unlike cross-entropy, these log-probs are not the end of the graph: the loss's gradient g
+    [M] wrt them (the SRPO ratio, clip and KL) is known only once the whole vector exists, and
+    the weight gradient sum_i g_i (onehot_i - p_i)^T h_i needs every row's softmax p_i (all V
+    of it) scaled by g_i. So either the forward keeps P [M, V], or the backward recomputes each
+    chunk's logits and softmax (4 matmuls per chunk instead of 3, C x V float32 at a time). A
+    call of at most SAVED_PROBS elements (M x V: 64 MB of float32, a pack of a few thousand
+    tokens over a small vocabulary) keeps P; a larger one recomputes.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk, dtype):
         w = weight if weight.dtype == dtype else weight.to(dtype)
         out = torch.empty(len(target), dtype=torch.float32, device=hidden.device)
+        keep = any(ctx.needs_input_grad[:2]) and len(target) * len(weight) <= SAVED_PROBS
+        probs = torch.empty(len(target) if keep else 0, len(weight), device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, len(target), chunk):
                 logp = torch.log_softmax(_chunk_logits(hidden[s:s + chunk], w, dtype), dim=1)
                 out[s:s + chunk] = logp.gather(1, target[s:s + chunk, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, target)
-        ctx.chunk, ctx.dtype = chunk, dtype
+                if keep:
+                    torch.exp(logp, out=probs[s:s + chunk])
+        ctx.save_for_backward(hidden, weight, target, probs)
+        ctx.chunk, ctx.dtype, ctx.keep = chunk, dtype, keep
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, target = ctx.saved_tensors
+        hidden, weight, target, probs = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk, dtype = ctx.chunk, ctx.dtype
         w = weight if weight.dtype == dtype else weight.to(dtype)
@@ -186,8 +190,9 @@ class _TokenLogprobs(torch.autograd.Function):
             for s in range(0, len(target), chunk):
                 h, t = hidden[s:s + chunk].to(dtype), target[s:s + chunk]
                 g_out = grad_out[s:s + chunk, None]
-                # d(sum g * logp)/dlogits = g * (onehot - softmax), in place in float32
-                g = torch.softmax(_chunk_logits(h, w, dtype), dim=1).mul_(-g_out)
+                # d(sum g * logp)/dlogits = g * (onehot - softmax), in float32
+                g = probs[s:s + chunk] * -g_out if ctx.keep else \
+                    torch.softmax(_chunk_logits(h, w, dtype), dim=1).mul_(-g_out)
                 g = g.scatter_add_(1, t[:, None], g_out).to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(grad_h.dtype)
