@@ -215,3 +215,30 @@ def test_sid_scores_are_level_log_probs(world):
         assert (sid.logprobs[r, s:n - 1] > full.logprobs[r, s:n - 1]).all()  # the level only
         assert (sid.logprobs[r, s:n - 1] <= 0).all()
     assert k > 1
+
+
+@pytest.mark.parametrize("vocab", [300, 4096])
+def test_cpu_draws_follow_the_probabilities(vocab):
+    """The CPU draw (two-level inverse CDF over blocks of CDF_BLOCK tokens, the last block
+    ragged at vocab 300) gives token i with probability p_i: every count within 5 sigma of
+    its expectation, and never a token of probability zero (every third one here, and all but
+    one token of the rows whose mass sits in a single block's edge or the ragged tail)."""
+    from gream_fast.generate.reasoning import CDF_BLOCK, _race
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g) * 2
+    logits[:, ::3] = -float("inf")
+    logits[2, :] = -float("inf")
+    logits[2, [CDF_BLOCK - 1, CDF_BLOCK]] = 0.0  # two tokens either side of a block edge
+    logits[3, :] = -float("inf")
+    logits[3, [vocab - 1]] = 0.0  # the very last token
+    p = torch.softmax(logits, -1)
+    draws, rows = 100_000, 2_000
+    counts = torch.zeros(4, vocab)
+    for _ in range(draws // rows):
+        idx = _race(p.repeat(rows, 1), g).view(rows, 4)
+        counts += torch.nn.functional.one_hot(idx.T, vocab).sum(1)
+    assert counts[p == 0].sum() == 0
+    expected = p * draws  # (+ 3: the rare tokens' counts are Poisson, not normal)
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 3).all()
+    assert counts[3, vocab - 1] == draws
