@@ -114,10 +114,16 @@ class KVState:
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only rows `keep` (sorted, so rows stay grouped by prompt): finished rows leave.
-        The kept rows move to the front of the buffers (the gather copies before the write)."""
-        n = keep.numel()
+        The kept rows move to the front of the buffers (the gather copies before the write):
+        only the entries written so far, and on the CPU (where asking is free) only from the
+        first row that moves."""
+        n, s = keep.numel(), self.steps
+        first = 0
+        if not keep.is_cuda:
+            moved = torch.nonzero(keep != torch.arange(n))
+            first = int(moved[0]) if len(moved) else n
         for buf in (self.suffix_k, self.suffix_v):
-            buf[:, :n] = buf[:, keep]
+            buf[:, first:n, :s] = buf[:, keep[first:], :s]
         for buf in (self._row_prompt, self.lens, self.start_pos):
             buf[:n] = buf[keep]
         self.num_rows = n
