@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gream_fast import GreamError
+from gream_fast.train import loss
 from gream_fast.train.loss import token_logprobs
 
 
@@ -11,9 +12,12 @@ def dense(hidden, weight, target):
     return torch.log_softmax(hidden @ weight.T, -1).gather(1, target[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-softmax", "recomputed"])
 @pytest.mark.parametrize("m,h,v,chunk", [(37, 16, 50, 8), (5, 8, 33, 64), (64, 12, 97, 1),
                                          (23, 16, 40, None)])
-def test_value_and_gradients_match_torch(m, h, v, chunk):
+def test_value_and_gradients_match_torch(m, h, v, chunk, keep, monkeypatch):
+    """Both backwards: the softmax kept from the forward (a small call) and recomputed."""
+    monkeypatch.setattr(loss, "SAVED_PROBS", 1 << 24 if keep else 0)
     g = torch.Generator().manual_seed(m * 1000 + v)
     hidden = torch.randn(m, h, generator=g, dtype=torch.float64).float()
     weight = torch.randn(v, h, generator=g).mul(0.7)
@@ -44,6 +48,16 @@ def test_frozen_weight_and_no_grad():
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(hidden, weight, target, chunk=2),
                                    dense(hidden, weight, target), atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_backward_through_the_kept_softmax_is_refused():
+    """The kept softmax becomes the gradient in place: a retained graph's second backward would
+    be wrong, so autograd's version check stops it."""
+    hidden = torch.randn(6, 8, requires_grad=True)
+    lp = token_logprobs(hidden, torch.randn(11, 8), torch.randint(0, 11, (6,)))
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
 
 
 def test_bad_inputs():

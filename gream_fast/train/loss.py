@@ -165,20 +165,22 @@ class _TokenLogprobs(torch.autograd.Function):
         w = weight if weight.dtype == dtype else weight.to(dtype)
         out = torch.empty(len(target), dtype=torch.float32, device=hidden.device)
         keep = any(ctx.needs_input_grad[:2]) and len(target) * len(weight) <= SAVED_PROBS
-        probs = torch.empty(len(target) if keep else 0, len(weight), device=hidden.device)
+        probs = []  # one tensor per chunk: no fresh M x V block to fault in
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, len(target), chunk):
                 logp = torch.log_softmax(_chunk_logits(hidden[s:s + chunk], w, dtype), dim=1)
                 out[s:s + chunk] = logp.gather(1, target[s:s + chunk, None]).squeeze(1)
                 if keep:
-                    torch.exp(logp, out=probs[s:s + chunk])
-        ctx.save_for_backward(hidden, weight, target, probs)
-        ctx.chunk, ctx.dtype, ctx.keep = chunk, dtype, keep
+                    probs.append(logp.exp_())
+        ctx.save_for_backward(hidden, weight, target, *probs)
+        ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, target, probs = ctx.saved_tensors
+        # (the kept softmax becomes the logits' gradient in place: a second backward through
+        # a retained graph fails autograd's version check on it rather than going wrong)
+        hidden, weight, target, *probs = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk, dtype = ctx.chunk, ctx.dtype
         w = weight if weight.dtype == dtype else weight.to(dtype)
@@ -191,8 +193,8 @@ class _TokenLogprobs(torch.autograd.Function):
                 h, t = hidden[s:s + chunk].to(dtype), target[s:s + chunk]
                 g_out = grad_out[s:s + chunk, None]
                 # d(sum g * logp)/dlogits = g * (onehot - softmax), in float32
-                g = probs[s:s + chunk] * -g_out if ctx.keep else \
-                    torch.softmax(_chunk_logits(h, w, dtype), dim=1).mul_(-g_out)
+                g = probs[s // chunk] if probs else torch.softmax(_chunk_logits(h, w, dtype), 1)
+                g.mul_(-g_out)
                 g = g.scatter_add_(1, t[:, None], g_out).to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(grad_h.dtype)

@@ -77,19 +77,15 @@ def response_logprobs(model, batch, constraint=None, score: str = "full",
     h = response_hidden(model, batch)
     target = batch.target.to(h.device)
     head = model.get_output_embeddings()
+    if score == "full":  # every token over the whole vocabulary
+        return _full_logprobs(h, head, target)
     level = batch.depth.to(h.device)
     if sid_start is not None:
         level = level - torch.as_tensor(sid_start, device=h.device)[batch.response.to(h.device)]
-    text = level < 0 if score == "sid" else torch.ones_like(target, dtype=torch.bool)
     out = torch.zeros(len(target), device=h.device)
-    rows = torch.nonzero(text).flatten()
-    if len(rows) and head.bias is not None:  # token_logprobs takes no bias: the dense path
-        lp = torch.log_softmax(head(h[rows]).float(), -1)
-        out = out.index_put((rows,), lp.gather(1, target[rows, None]).squeeze(1))
-    elif len(rows):
-        out = out.index_put((rows,), token_logprobs(h[rows], head.weight, target[rows]))
-    if score == "full":
-        return out
+    rows = torch.nonzero(level < 0).flatten()  # free text: the full vocabulary
+    if len(rows):
+        out = out.index_put((rows,), _full_logprobs(h[rows], head, target[rows]))
     for d in range(int(level.max()) + 1 if len(level) else 0):
         rows = torch.nonzero((level == d) & (target != constraint.eos_token_id)).flatten()
         if len(rows):
@@ -97,6 +93,12 @@ def response_logprobs(model, batch, constraint=None, score: str = "full",
             out = out.index_put((rows,), sid_logprob(h[rows], head.weight[sl],
                                                      target[rows] - sl.start))
     return out
+
+
+def _full_logprobs(h, head, target):
+    if head.bias is not None:  # token_logprobs takes no bias: the dense path
+        return torch.log_softmax(head(h).float(), -1).gather(1, target[:, None]).squeeze(1)
+    return token_logprobs(h, head.weight, target)
 
 
 def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer, fmt):
