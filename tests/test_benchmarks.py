@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,21 +23,32 @@ def test_benchmark_runs_and_records(name, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # 1-2 min on a loaded 2-core CPU (TRL import, 3 steps of each): not < 30 s
-def test_bench_srpo_runs_against_trl(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["direct", "reasoning"])
+def test_bench_srpo_runs_against_trl(mode, tmp_path, monkeypatch, capsys):
     """bench_srpo at its quick size, one timed step: ours and TRL's GRPOTrainer both step and
-    the record holds a row for each (TRL is a baseline-only dependency: skipped without it)."""
+    the record holds a row for each (TRL is a baseline-only dependency: skipped without it).
+    Reasoning mode runs with --trace: each worker writes a profiler trace, ours naming every
+    phase a user profiles, from the rollout to the optimizer step."""
     pytest.importorskip("trl", reason="trl (requirements-cpu.txt) is not installed")
     pytest.importorskip("datasets", reason="datasets (a trl dependency) is not installed")
     monkeypatch.delenv("OUT", raising=False)
     from benchmarks import bench_srpo
 
-    bench_srpo.main(["--quick", "--repeat", "1", "--out", str(tmp_path), "--device", "cpu"])
+    trace = ["--trace", str(tmp_path / "trace")] if mode == "reasoning" else []
+    bench_srpo.main(["--quick", "--repeat", "1", "--out", str(tmp_path), "--device", "cpu",
+                     "--mode", mode, *trace])
     (record,) = tmp_path.glob("*.json")
     rows = json.loads(record.read_text())["rows"]
     assert [r["impl"].split()[0] for r in rows] == ["TRL", "ours"]
     assert all(r["time_ms"] > 0 for r in rows) and rows[1]["ratio"] > 0
     assert "kept groups 4/4" in rows[1]["notes"]  # the same work: every group updated
     assert "ratio" in capsys.readouterr().out
+    if trace:
+        assert (tmp_path / "trace" / "srpo-trl.trace.json").stat().st_size > 0
+        names = _trace_names(tmp_path / "trace" / "srpo-ours.trace.json")
+        assert {"gream.rollout", "gream.prefill", "gream.decode", "gream.reason.step",
+                "gream.reward", "gream.advantage", "gream.logprob_pass", "gream.loss",
+                "gream.backward", "gream.optimizer"} <= names
 
 
 def _trace_names(path) -> set:
@@ -69,19 +79,3 @@ def test_bench_generate_reasoning_case_and_its_trace(tmp_path, monkeypatch):
     (path,) = (tmp_path / "trace").glob("generate-*.trace.json")
     names = _trace_names(path)
     assert {"gream.prefill", "gream.decode", "gream.reason.step", "gream.trie_mask"} <= names
-
-
-@pytest.mark.usefixtures("torch_kernels")
-def test_bench_srpo_reasoning_step_trace_names_every_phase(tmp_path):
-    """One reasoning-mode SRPO step of bench_srpo's own worker under --trace: the trace holds
-    each phase a user profiles, from the rollout to the optimizer step."""
-    from benchmarks import bench_srpo
-
-    c = {**bench_srpo.cases("cpu", True, "reasoning"), "prompts": 2, "n": 3, "budget": 6,
-         "items": 100}
-    out = bench_srpo.run_ours(c, torch.device("cpu"), 0, 1, str(tmp_path))
-    assert out["kept_groups"] == 2 and len(out["times"]) == 1
-    names = _trace_names(tmp_path / "srpo-ours.trace.json")
-    assert {"gream.rollout", "gream.prefill", "gream.decode", "gream.reason.step",
-            "gream.reward", "gream.advantage", "gream.logprob_pass", "gream.loss",
-            "gream.backward", "gream.optimizer"} <= names
