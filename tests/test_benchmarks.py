@@ -76,6 +76,7 @@ def test_bench_generate_reasoning_case_and_its_trace(tmp_path, monkeypatch):
     assert hf["unit"] == ours["unit"] == "tokens/s" and ours["ratio"] > 0
     # each row: up to 6 think tokens, the 3-token marker, a SID and its end token
     assert 4 <= float(ours["notes"].split()[0]) <= 6 + 3 + 6
+    assert "100% of rows a real item" in ours["notes"]
     (path,) = (tmp_path / "trace").glob("generate-*.trace.json")
     names = _trace_names(path)
     assert {"gream.prefill", "gream.decode", "gream.reason.step", "gream.trie_mask"} <= names
