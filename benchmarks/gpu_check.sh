@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: build and install the package without touching the machine's torch or
 # triton, run the GPU tests and the quick benchmarks, and leave everything under $OUT.
-# Budget: under 5 minutes.
+# Budget: under 5 minutes for the tests and quick benchmarks, then the reasoning SRPO step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -30,3 +30,9 @@ python -m pytest -m gpu -q -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest-gp
 python -c "import trl; print('trl', trl.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt" \
   || echo "trl not installed: bench_srpo runs without its TRL baseline" | tee -a "$OUT/gpu.txt"
 python benchmarks/quick.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+
+# The reasoning-mode SRPO step at the Qwen3-0.6B shape (64 prompts x 10, think budget 1,024,
+# packs of 65,536 tokens, checkpointing): 2 warm-up + 1 timed step of each side (a TRL step is
+# ~1,000 HF decode steps over 640 rows: allow a few minutes).
+python benchmarks/bench_srpo.py --mode reasoning --device cuda --quick --repeat 1 --out "$OUT" \
+  2>&1 | tee "$OUT/bench-srpo-reasoning.txt"
