@@ -5,7 +5,7 @@ group mask, forward and forward + backward, one group (a prompt and its n respon
 
 Shapes. CUDA: the Qwen3-0.6B attention (16 query heads, 8 KV heads, D = 128), bf16, prompt
 P = 768, n = 10 responses of R in {64, 512, 1560} tokens (the paper's shape: T = 16,368). CPU
-(where group_attention runs its chunked torch path): fp32, 4 / 2 heads, D = 32, (P, n, R) in
+(where group_attention runs torch's fused attention per group): fp32, 4 / 2 heads, D = 32, (P, n, R) in
 (256, 8, 64), (256, 8, 256), (768, 10, 512) (--quick: P = 64, n = 4, R in {16, 64}).
 
 The baseline is what a trainer runs today: repeat_kv, then SDPA with the [1, 1, T, T] boolean
@@ -165,7 +165,8 @@ def main(argv=None):
     bench.note("% roofline: useful FLOPs (fwd 4 D Hq (P^2/2 + nRP + nR^2/2), fwd+bwd 3.5x) / "
                "dense bf16 tensor-core peak; the same useful FLOPs for the baseline, which "
                "computes all T^2 scores" if cuda else
-               "CPU: group_attention runs its chunked torch path (fp32 BLAS); no roofline, the "
+               "CPU: group_attention runs torch's fused attention, one causal call per group "
+               "over its n sequences [prompt, response i]; no roofline, the "
                "ratio to the baseline only. Memory: bytes autograd saves for backward (the "
                "baseline's include the mask)")
     return bench.finish()
