@@ -62,6 +62,7 @@ import triton.language as tl
 
 from gream_fast.errors import InvalidInputError
 from gream_fast.kernels._backend import INTERPRET, use_triton
+from gream_fast.kernels._flash import online_softmax_step
 
 __all__ = ["GroupLayout", "group_layout", "group_attention", "group_attention_reference"]
 
@@ -313,12 +314,7 @@ def _fwd_span(q, m, l, acc, k_ptr, v_ptr, kvh, lo, hi, rows, a_lo, a_hi, b_lo, q
         vis = _visible(rows[:, None], cols[None, :], a_lo[:, None], a_hi[:, None],
                        b_lo[:, None]) & c_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, PRECISION)
     return m, l, acc
 
 

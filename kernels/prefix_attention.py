@@ -31,6 +31,7 @@ import triton.language as tl
 
 from gream_fast.errors import InvalidInputError
 from gream_fast.kernels._backend import INTERPRET, use_triton
+from gream_fast.kernels._flash import online_softmax_step
 
 __all__ = ["choose_splits", "cpu_plan", "shared_prefix_attention",
            "shared_prefix_attention_reference"]
@@ -134,12 +135,7 @@ def _attend_prompt(q, m, l, acc, pk_ptr, pv_ptr, h, t_start, t_end, qk_scale, dd
             v = v.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, PRECISION)
     return m, l, acc
 
 
