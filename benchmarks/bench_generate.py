@@ -114,15 +114,21 @@ def hf_generate(model, prompts, constraint, processor: bool):
     return torch.as_tensor(trie.lookup(gen.numpy())).view(len(prompts), BEAMS)
 
 
-def bench_case(bench, args, shape, b, p, n_items, levels, k):
-    dev = bench.device
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = make_model(shape, dev, dtype)
+def setup(dev, shape, b, p, n_items, levels, k, end_token):
+    """(model, runner, constraint, token table, prompts) of a case: the shape's random model
+    (bf16 on CUDA, fp32 on CPU), n_items SIDs at the top of its vocabulary, b prompts of p
+    tokens below them."""
+    model = make_model(shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     vocab = SHAPES[shape]["vocab_size"]
     index, table = make_items(n_items, levels, k, vocab)
-    constraint = SIDConstraint(index, token_table=table, eos_token_id=EOS, device=dev)
+    constraint = SIDConstraint(index, token_table=table, eos_token_id=end_token, device=dev)
     prompts = make_prompts(b, p, vocab - (levels + 1) * k)
-    runner = DecoderRunner(model)
+    return model, DecoderRunner(model), constraint, table, prompts
+
+
+def bench_case(bench, args, shape, b, p, n_items, levels, k):
+    dev = bench.device
+    model, runner, constraint, table, prompts = setup(dev, shape, b, p, n_items, levels, k, EOS)
     case = f"{shape} B={b} P={p} {BEAMS} beams, {n_items // 1000}k items x {levels}x{k}"
     repeat = args.repeat
 
@@ -183,12 +189,7 @@ def reasoning_case(bench, args, shape, b, n, p, budget, n_items=2000, levels=4, 
     from gream_fast.generate import sample
 
     dev = bench.device
-    model = make_model(shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    vocab = SHAPES[shape]["vocab_size"]
-    index, table = make_items(n_items, levels, k, vocab)
-    constraint = SIDConstraint(index, token_table=table, eos_token_id=END, device=dev)
-    prompts = make_prompts(b, p, vocab - (levels + 1) * k)
-    runner = DecoderRunner(model)
+    model, runner, constraint, _, prompts = setup(dev, shape, b, p, n_items, levels, k, END)
     case = f"reasoning {shape} {b} prompts x {n}, P={p}, think budget {budget}"
     longest = budget + len(MARKER) + constraint.max_len
     ids = torch.tensor(prompts, device=dev)
