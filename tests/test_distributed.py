@@ -303,6 +303,7 @@ def test_srpo_train_two_ranks(tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2]  # one writer
     for m in metrics[1:]:
         assert 1 <= m["draws"] <= 2 and 0 <= m["kept_groups"] <= 3
+        assert 0 <= m["rollout_reward_mean"] <= 1 and 0 <= m["kept_fraction"] <= 1
         if m["updated"]:
             assert 0 <= m["reward_mean"] <= 1 and np.isfinite(m["loss"]) and m["grad_norm"] >= 0
     assert "valid_recall@10" in metrics[0] and "valid_recall@10" in metrics[2]

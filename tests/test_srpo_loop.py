@@ -55,6 +55,10 @@ def test_srpo_cli_end_to_end(setup, tmp_path, capsys):
     for m in metrics[1:]:
         assert 1 <= m["draws"] <= 2 and 0 <= m["kept_groups"] <= 3
         assert {"rollout_s", "step_time_s", "tokens_per_s", "lr", "elapsed_s"} <= set(m)
+        assert 0 <= m["rollout_reward_mean"] <= 1 and 0 <= m["rollout_exact_rate"] <= 1
+        # kept over drawn: at least the groups kept of the first draw's 3 prompts
+        assert m["kept_fraction"] == m["kept_groups"] / (3 * m["draws"])
+        assert (m["kept_groups"] == 0) or 1 <= m["distinct_items"] <= 4
         if m["updated"]:
             assert 0 <= m["reward_mean"] <= 1 and 0 <= m["exact_rate"] <= 1
             assert np.isfinite(m["loss"]) and LEVELS + 1 <= m["response_len"] <= LEVELS + 2

@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -37,6 +38,36 @@ def test_step_updates_the_policy_and_reports():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_step_reports_the_rollouts_before_the_selection():
+    """rollout_reward_mean / rollout_exact_rate are over every rollout of the first draw (the
+    same seed's sample, rewarded independently here), kept_fraction and distinct_items
+    describe what dynamic sampling kept; reward_mean is over the kept groups only."""
+    from gream_fast.generate import sample
+    from gream_fast.train.rewards import sid_reward
+
+    model, con = setup(seed=3)
+    ref = copy.deepcopy(model).eval()
+    prompts, targets, n = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12, 13]], [1, 5, 14, 2], 4
+    roll = sample(model, prompts, con, n=n, temperature=1.0, seed=0)
+    pred = torch.where(roll.mask, roll.tokens, -1)
+    reward, _ = sid_reward(pred, torch.tensor(targets).repeat_interleave(n), sid_trie(con),
+                           eos_token_id=EOS)
+    groups = reward.view(len(prompts), n)
+    kept = [g for g in range(len(prompts)) if groups[g].unique().numel() > 1]
+    assert 0 < len(kept) < len(prompts)  # the selection matters in this case
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = srpo_step(model, ref, opt, prompts, targets, con, SRPOStepConfig(n=n, max_draws=1),
+                      seed=0)
+    assert stats["rollout_reward_mean"] == pytest.approx(float(reward.mean()))
+    assert stats["rollout_exact_rate"] == pytest.approx(float((reward == 1).float().mean()))
+    assert stats["kept_groups"] == len(kept)
+    assert stats["kept_fraction"] == pytest.approx(len(kept) / len(prompts))
+    assert stats["reward_mean"] == pytest.approx(float(groups[kept].mean()))
+    items = roll.items.view(len(prompts), n)
+    assert stats["distinct_items"] == pytest.approx(
+        np.mean([items[g].unique().numel() for g in kept]))
+
+
 def test_bf16_autocast_step_agrees_with_float32():
     """bf16=True runs the log-prob passes under bfloat16 autocast (CPU autocast here): the
     rollouts and rewards are the float32 step's, the weights stay float32, and the update
@@ -64,11 +95,12 @@ def test_dynamic_sampling_drops_zero_variance_groups():
     model, con = setup(seed=1)
     prompts = [[3, 4], [5, 6]]
     # n = 1: every group has zero variance, so nothing is kept after max_draws draws
-    _, _, rewards, _, draws, _ = draw_groups(model, prompts, [0, 1], con,
-                                          SRPOStepConfig(n=1, max_draws=3), seed=0)
-    assert draws == 3 and len(rewards) == 0
-    kept_p, kept_r, rewards, matches, _, starts = draw_groups(model, prompts, [0, 1], con,
-                                                       SRPOStepConfig(n=8, groups=1), seed=0)
+    got = draw_groups(model, prompts, [0, 1], con, SRPOStepConfig(n=1, max_draws=3), seed=0)
+    assert got.draws == 3 and len(got.rewards) == 0 and got.groups_drawn == 6
+    assert got.first_rollouts == 2  # the first draw's rewards, before any selection
+    got = draw_groups(model, prompts, [0, 1], con, SRPOStepConfig(n=8, groups=1), seed=0)
+    kept_p, kept_r, rewards, matches, starts = (got.prompts, got.responses, got.rewards,
+                                                got.matches, got.sid_start)
     assert len(kept_p) == 1 and len(kept_r[0]) == 8 and len(rewards) == 8
     assert rewards.unique().numel() > 1  # a kept group has variance
     assert starts.tolist() == [0] * 8  # direct mode: the response is the SID
@@ -78,6 +110,7 @@ def test_dynamic_sampling_drops_zero_variance_groups():
     target = 0 if kept_p[0] == [3, 4] else 1
     for item, rw, m in zip(items, rewards.tolist(), matches.tolist()):
         assert rw == (1.0 if item == target else [0.0, 0.5, 0.707][m])
+    assert got.distinct_items == len(set(items.tolist()))
     assert sid_trie(con).num_items == con.num_items
 
 
@@ -194,8 +227,8 @@ def test_reasoning_step_updates_the_policy_and_gates_the_reward():
     text = roll.tokens[0][:int(roll.sid_start[0]) - 2].tolist()
     fmt = ThinkFormat(answer=MARKER, think_open=text[:1], think_close=text[-1:], stop=(STOP,))
     targets = [int(roll.items[0]), int(roll.items[n])]
-    _, resp, rewards, _, _, starts = draw_groups(model, prompts, targets, con, cfg, seed,
-                                                 fmt=fmt)
+    got = draw_groups(model, prompts, targets, con, cfg, seed, fmt=fmt)
+    resp, rewards, starts = got.responses, got.rewards, got.sid_start
     assert resp[0][0] == roll.tokens[0][roll.mask[0]].tolist() and rewards[0] == 1.0
     assert torch.equal(starts[:n], roll.sid_start[:n])
     for r, toks in enumerate(sum(resp, [])):  # a reward > 0 needs the think block

@@ -103,7 +103,7 @@ def _full_logprobs(h, head, target):
 
 def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer, fmt):
     """One rollout batch: (token ids [R, W] with -1 padding, rewards [R], matches [R],
-    sid_start [R]) on the CPU."""
+    sid_start [R], items [R]: the item each response names, -1 for none) on the CPU."""
     trie = sid_trie(constraint)
     tgt = torch.as_tensor(targets).repeat_interleave(cfg.n)
     if cfg.mode == "reasoning" and fmt is None:
@@ -119,32 +119,58 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
                           think_budget=cfg.think_budget, answer_ids=fmt.answer,
                           stop_ids=list(fmt.stop) or None)
     pred = torch.where(roll.mask, roll.tokens, -1).cpu()
+    items = roll.items.cpu()
     with phase("gream.reward"):
         if cfg.mode == "direct":
             reward, match = sid_reward(pred, tgt, trie, eos_token_id=constraint.eos_token_id)
-            return pred, reward, match, torch.zeros(len(pred), dtype=torch.int64)
+            return pred, reward, match, torch.zeros(len(pred), dtype=torch.int64), items
         start = roll.sid_start.cpu()
         reward, match, _ = gated_sid_reward(pred, start, tgt, trie, constraint.eos_token_id,
                                             fmt, constraint.token_table)
-    return pred, reward, match, start
+    return pred, reward, match, start, items
+
+
+@dataclass
+class DrawnGroups:
+    """What draw_groups kept, and what the draws looked like before the selection."""
+    prompts: list  # G prompts (token-id lists)
+    responses: list  # G lists of n response token lists
+    rewards: torch.Tensor  # [G * n] float
+    matches: torch.Tensor  # [G * n] SID levels matched
+    sid_start: torch.Tensor  # [G * n] where each response's SID starts (0 in direct mode)
+    draws: int  # rollout batches drawn
+    # the learning signal before selection, as sums (they add up across ranks): the first
+    # draw's rewards and exact matches over all of its rollouts, and every draw's groups
+    first_reward_sum: float = 0.0
+    first_exact: float = 0.0
+    first_rollouts: float = 0.0
+    groups_drawn: float = 0.0
+    distinct_items: float = 0.0  # distinct items per kept group, summed over the kept groups
 
 
 def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed: int,
-                more=None, tokenizer=None, fmt: ThinkFormat | None = None):
+                more=None, tokenizer=None, fmt: ThinkFormat | None = None) -> DrawnGroups:
     """Rollouts until cfg.groups groups with non-zero reward variance (or max_draws batches).
     The first batch is (prompts, targets); later ones come from more(draw) -> (prompts,
     targets), fresh instances (without it the same prompts are drawn again). Reasoning mode
     (cfg.mode) needs fmt (the markers' ids) and, to find the marker in decoded text, the
-    tokenizer. Returns (prompts, responses as token lists, rewards [R], matches [R], draws,
-    sid_start [R]: where each response's SID starts, 0 in direct mode)."""
+    tokenizer. The responses are token lists, the rewards, matches and SID starts flat over
+    the kept groups' responses in order."""
     want = cfg.groups or len(prompts)
     kept_p, kept_r, rewards, matches, starts, draws = [], [], [], [], [], 0
+    out = DrawnGroups([], [], torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                      0)
     while len(kept_p) < want and draws < cfg.max_draws:
         if draws and more is not None:
             prompts, targets = more(draws)
-        pred, reward, match, start = _rollout_rewards(policy, prompts, targets, constraint, cfg,
-                                                      seed + draws, tokenizer, fmt)
+        pred, reward, match, start, items = _rollout_rewards(
+            policy, prompts, targets, constraint, cfg, seed + draws, tokenizer, fmt)
+        if not draws:
+            out.first_reward_sum = float(reward.double().sum())
+            out.first_exact = float((reward == 1.0).sum())
+            out.first_rollouts = float(len(reward))
         draws += 1
+        out.groups_drawn += len(prompts)
         reward = reward.view(len(prompts), cfg.n)
         keep = (reward != reward[:, :1]).any(1)  # zero-variance groups are dropped
         for g in torch.nonzero(keep).flatten().tolist():
@@ -156,10 +182,14 @@ def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed:
             rewards.append(reward[g])
             matches.append(match.view(len(prompts), cfg.n)[g])
             starts.append(start[g * cfg.n:(g + 1) * cfg.n])
-    if not kept_p:
-        return [], [], torch.zeros(0), torch.zeros(0), draws, torch.zeros(0, dtype=torch.int64)
-    return (kept_p, kept_r, torch.cat(rewards), torch.cat(matches), draws,
-            torch.cat(starts))
+            named = items[g * cfg.n:(g + 1) * cfg.n]
+            out.distinct_items += float(named[named >= 0].unique().numel())
+    out.draws = draws
+    if kept_p:
+        out.prompts, out.responses = kept_p, kept_r
+        out.rewards, out.matches = torch.cat(rewards), torch.cat(matches)
+        out.sid_start = torch.cat(starts)
+    return out
 
 
 def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
@@ -169,7 +199,10 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     """One step on `prompts` (token-id lists) whose next items are `targets`; more(draw) gives
     further batches for dynamic sampling; tokenizer and fmt: reasoning mode's (see
     draw_groups). Returns the step's statistics (floats); a step whose every group has zero
-    variance updates nothing.
+    variance updates nothing. Before the selection: rollout_reward_mean and rollout_exact_rate
+    (the first draw, every rollout), kept_fraction (kept groups over all groups drawn);
+    distinct_items: real items per kept group; after it, reward_mean and exact_rate over the
+    kept groups' responses (what the update learns from).
 
     Sharded (train.distributed): `logprob_fn` is shard_model(policy, world,
     response_logprobs), each rank passes its share of the step's prompts and keeps its groups
@@ -180,18 +213,25 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     was_training = policy.training
     policy.eval()
     with distributed.gathered(logprob_fn, world):
-        g_prompts, g_resp, rewards, _, draws, starts = draw_groups(
-            policy, prompts, targets, constraint, cfg, seed, more, tokenizer, fmt)
+        got = draw_groups(policy, prompts, targets, constraint, cfg, seed, more, tokenizer, fmt)
     policy.train(was_training)
     t1 = time.perf_counter()
-    counts = torch.tensor([len(g_prompts), draws], dtype=torch.float64)
-    kept, draws = distributed.all_reduce(counts[:1], world), \
-        distributed.all_reduce(counts[1:], world, op="max")
-    stats = {"draws": int(draws), "kept_groups": int(kept)}
+    draws = distributed.all_reduce(torch.tensor([float(got.draws)]), world, op="max")
+    kept, drawn, first_sum, first_exact, first_n, distinct = distributed.all_reduce(
+        torch.tensor([len(got.prompts), got.groups_drawn, got.first_reward_sum,
+                      got.first_exact, got.first_rollouts, got.distinct_items],
+                     dtype=torch.float64), world).tolist()
+    # the rollouts' own rewards (the first draw, every group) and how many groups the
+    # selection kept: reward_mean and exact_rate below are over the kept groups only
+    stats = {"draws": int(draws), "kept_groups": int(kept),
+             "kept_fraction": kept / max(drawn, 1.0),
+             "rollout_reward_mean": first_sum / max(first_n, 1.0),
+             "rollout_exact_rate": first_exact / max(first_n, 1.0),
+             "distinct_items": distinct / max(kept, 1.0)}
     if not int(kept):  # the skip is global: no rank runs the FSDP passes
         return {**stats, "updated": False, "rollout_s": t1 - t0}
-    out = srpo_update(policy, ref_model, optimizer, g_prompts, g_resp, rewards, starts,
-                      constraint, cfg, logprob_fn, world)
+    out = srpo_update(policy, ref_model, optimizer, got.prompts, got.responses, got.rewards,
+                      got.sid_start, constraint, cfg, logprob_fn, world)
     return {**stats, **out, "rollout_s": t1 - t0}
 
 

@@ -19,8 +19,10 @@ that starting policy. AdamW (no decay on norms and biases), linear warm-up then 
 
 A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
   srpo_config.json     the resolved config
-  metrics.jsonl        one line per step: step, lr, srpo_step's statistics (reward_mean,
-                       exact_rate, kept_groups, draws, loss, kl, clip fractions, entropy_proxy,
+  metrics.jsonl        one line per step: step, lr, srpo_step's statistics (the rollouts
+                       before the selection: rollout_reward_mean, rollout_exact_rate over the
+                       first draw, kept_fraction, distinct_items; the kept groups: reward_mean,
+                       exact_rate, kept_groups, draws; loss, kl, clip fractions, entropy_proxy,
                        response_len, tokens, grad_norm, rollout_s / scoring_s / update_s),
                        step_time_s, tokens_per_s, elapsed_s; with --eval-every, valid_recall@K /
                        valid_ndcg@K on the first --eval-users validation users (a step-0 line
@@ -458,8 +460,8 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.3f}",
-                            kept=stats["kept_groups"], s=f"{seconds:.1f}")
+            bar.set_postfix(reward=f"{stats['rollout_reward_mean']:.3f}",
+                            kept=f"{stats['kept_fraction']:.2f}", s=f"{seconds:.1f}")
             if step == stop or (cfg.save_every and step % cfg.save_every == 0):
                 # collectives: every rank gathers, rank 0 writes
                 full = distributed.full_model_state(policy, world)
