@@ -219,7 +219,7 @@ SRPO_GROUPS = [
 ]
 
 
-def srpo_updates(out):
+def srpo_updates(out, mini_batches=1):
     """Two srpo_update calls on SRPO_GROUPS, each rank taking its contiguous share of the
     groups (3 -> 2 + 1: unequal token counts; 1 -> 1 + 0: rank 1 runs the zero-weight
     placeholder); writes the final weights and the statistics (rank 0 / the single process)."""
@@ -243,8 +243,8 @@ def srpo_updates(out):
         stats.append(srpo_update(
             model, ref, opt, prompts[mine.start:mine.stop], responses[mine.start:mine.stop],
             torch.tensor(rewards[mine.start * n:mine.stop * n]),
-            torch.zeros(len(mine) * n, dtype=torch.int64), con, SRPOStepConfig(n=n, clip_grad=1.0),
-            root, world))
+            torch.zeros(len(mine) * n, dtype=torch.int64), con,
+            SRPOStepConfig(n=n, clip_grad=1.0, mini_batches=mini_batches), root, world))
     state = distributed.full_model_state(model, world)
     if world.is_main:
         state = state if state is not None else model.state_dict()
@@ -278,6 +278,21 @@ def test_srpo_update_two_ranks_match_one(tmp_path, one_thread):
                   "clip_fraction", "response_len"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
     assert s1[0]["grad_norm"] > 1.0  # the clip was active: the global norm decided it
+
+
+@pytest.mark.usefixtures("torch_kernels")
+def test_srpo_mini_batches_on_two_ranks(tmp_path, one_thread):
+    """mini_batches=2 on two ranks: each rank splits its own groups (rank 1 has one group of
+    the first call, so its first mini-batch is a zero-weight placeholder; none of the second,
+    whose single group makes one update everywhere); the ranks stay in step and the weights
+    move."""
+    run_ranks([lambda: srpo_updates(tmp_path, mini_batches=2)], timeout=120)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert [s["updates"] for s in stats] == [2, 1]
+    assert all(s["updated"] and np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in stats)
+    initial = __import__("test_srpo_step").setup(seed=0)[0].state_dict()
+    moved = load_file(tmp_path / "model.safetensors")
+    assert max_diff(moved, {k: initial[k] for k in moved}) > 1e-3
 
 
 @pytest.mark.usefixtures("torch_kernels")

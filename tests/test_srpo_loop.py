@@ -132,7 +132,8 @@ def test_instances_and_order(setup):
     assert sorted(inst.batch(len(inst), len(inst))) == sorted(first)  # the next pass
 
 
-def test_resume_is_exact(setup, tmp_path):
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_resume_is_exact(setup, tmp_path, mini_batches):
     from safetensors.torch import load_file
 
     from gream_fast import InvalidInputError
@@ -140,7 +141,7 @@ def test_resume_is_exact(setup, tmp_path):
     root, _ = setup
     base = dict(model=str(root / "sft"), data=str(root / "data"), index=str(root / "index"),
                 n=4, prompts_per_step=2, max_draws=2, lr=1e-3, warmup_steps=1, steps=2,
-                save_every=0, device="cpu")
+                save_every=0, device="cpu", mini_batches=mini_batches)
     straight = train(SRPOConfig(out=str(tmp_path / "a"), **base), progress=False)
     half = train(SRPOConfig(out=str(tmp_path / "b"), stop_after=1, **base), progress=False)
     assert half["steps"] == 1 and half["final"] is None
@@ -160,6 +161,8 @@ def test_resume_is_exact(setup, tmp_path):
     keys = ("step", "lr", "draws", "kept_groups", "reward_mean", "loss", "kl", "grad_norm")
     ma, mb = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab")
     assert [[m.get(k) for k in keys] for m in ma] == [[m.get(k) for k in keys] for m in mb]
+    # one update per kept group at most: two groups a step
+    assert all(m["updates"] == min(mini_batches, m["kept_groups"]) for m in ma if m["updated"])
 
 
 def test_bad_inputs(setup, tmp_path, capsys):
@@ -191,6 +194,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--n", "0")) == 2
     assert "--n: expected >= 1" in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--mini-batches", "0")) == 2
+    assert "--mini-batches: expected >= 1" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--best-metric", "mrr@10")) == 2
     assert "--best-metric: expected recall@K or ndcg@K" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's choices

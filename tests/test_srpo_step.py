@@ -298,3 +298,43 @@ def test_checkpointing_recomputes_even_in_eval_mode():
     assert saved[True] < saved[False] / 2
     torch.testing.assert_close(logps[True], logps[False])
     assert not any(m.training for m in model.modules())
+
+
+def test_mini_batches_clip_against_the_rollout_policy(monkeypatch):
+    """mini_batches=2 on 4 fixed groups: two optimizer steps, on groups 0-1 then 2-3, each
+    normalised by its own tokens; the old log-probs of both are the rollout policy's (an
+    independent pass of a frozen copy): the first update's ratio is 1, the second's is not, and
+    with a large step the clip acts there."""
+    from gream_fast.train import srpo
+    from gream_fast.train.group_pack import pack_groups
+    from gream_fast.train.srpo import response_logprobs, srpo_update
+
+    model, con = setup(seed=4)
+    rollout_policy = copy.deepcopy(model).eval()
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12, 13]]
+    responses = [[[20, 24, 2], [21, 25, 2], [23, 27, 2]], [[22, 26, 2], [21, 24, 2], [20, 25, 2]],
+                 [[21, 27, 2], [23, 24, 2], [22, 25, 2]], [[20, 26, 2], [21, 24, 2], [22, 27, 2]]]
+    rewards = torch.tensor([1.0, 0.5, 0.0, 0.707, 0.0, 0.5, 0.0, 1.0, 0.5, 1.0, 0.0, 0.0])
+    calls = []
+    real_loss = srpo.srpo_loss
+
+    def spy(logp, old, adv, mask, ref, cfg, normalizer):
+        calls.append((logp.detach().clone(), old.clone(), normalizer))
+        return real_loss(logp, old, adv, mask, ref, cfg, normalizer)
+
+    monkeypatch.setattr(srpo, "srpo_loss", spy)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    stats = srpo_update(model, copy.deepcopy(model).eval(), opt, prompts, responses, rewards,
+                        torch.zeros(12, dtype=torch.int64), con,
+                        SRPOStepConfig(n=3, mini_batches=2, clip_grad=10.0))
+    assert stats["updates"] == 2 and len(calls) == 2
+    for (logp, old, normalizer), half in zip(calls, (slice(0, 2), slice(2, 4))):
+        want = response_logprobs(rollout_policy, pack_groups(prompts[half], responses[half]))
+        torch.testing.assert_close(old, want.detach(), atol=1e-5, rtol=1e-5)
+        assert normalizer == len(want)  # each mini-batch's own token mean (3 tokens a response)
+    assert torch.equal(calls[0][0], calls[0][1])  # before any update: the ratio is exactly 1
+    ratio = (calls[1][0] - calls[1][1]).exp()
+    assert (ratio - 1).abs().max() > 0.2  # the first update moved the second half's log-probs
+    assert stats["clip_fraction"] > 0  # ... past the clip, which now acts
+    assert 0 < stats["grad_norm"] and stats["tokens"] == sum(
+        pack_groups(prompts[h], responses[h]).num_tokens for h in (slice(0, 2), slice(2, 4)))

@@ -13,13 +13,13 @@
     per cfg.score; in packs of at most cfg.token_budget tokens, each pack's loss
     backpropagated in turn
  -> PPO-clip with dual clip + k3 KL to the frozen SFT model, token mean (train.srpo_loss)
- -> clip the gradient norm, optimizer step.
-One update per rollout batch: the old policy is the current one, so the old log-probs are the
-policy pass's own (detached; the ratio exactly 1, not the rollout engine's rounding) and cost
-no pass.
+ -> clip the gradient norm, optimizer step; cfg.mini_batches of them per rollout batch (the
+    reference: 4), each on its share of the groups.
+With one update per rollout batch the old policy is the current one, so the old log-probs are
+the policy pass's own (detached; the ratio exactly 1, not the rollout engine's rounding) and
+cost no pass; with several, one pass of the rollout policy gives them, and the clip acts.
 """
 import contextlib
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -51,7 +51,8 @@ class SRPOStepConfig:
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
     bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
-    token_budget: int = 0  # tokens per packed pass (0: the whole step in one pass)
+    token_budget: int = 0  # tokens per packed pass (0: each mini-batch in one pass)
+    mini_batches: int = 1  # optimizer steps per rollout batch (consecutive groups each)
     checkpointing: bool = False  # recompute the policy's layer activations in the backward
     loss: SRPOLossConfig = SRPOLossConfig()
 
@@ -246,16 +247,23 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
                 world: World = World()) -> dict:
     """The update on fixed groups: prompts (G token-id lists), responses (G lists of response
     token lists), rewards [R] and sid_start [R] over the responses in order. Advantages are per
-    group, the loss is the mean over all response tokens of the step (in a sharded run: over
-    every rank's, via the loss normaliser), and the statistics are the step's, all ranks'
-    together.
+    group; the groups are split into cfg.mini_batches runs of consecutive groups, one optimizer
+    step each, whose loss is the mean over that mini-batch's response tokens (in a sharded run:
+    over every rank's, via the loss normaliser). The statistics are the step's, all ranks'
+    together: the token means over every mini-batch, grad_norm the mean of the updates'.
+
+    Old log-probs: with one mini-batch the old policy is the current one, so they are the
+    policy pass's own (detached; the ratio exactly 1) and cost no pass; with several, a pass of
+    the policy before the first update gives them (the rollout policy's: the later updates'
+    ratios move and the clip acts).
 
     The passes run over packs of at most cfg.token_budget tokens (train.group_pack.split_groups;
-    0: one pack): the old and reference log-probs pack by pack without gradients, then each
-    pack's share of the loss (its token sums over the step's token count) is backpropagated
-    before the next pack runs, so the gradient is the whole step's while only one pack's
-    activations are alive (cfg.checkpointing recomputes them layer by layer in the backward).
-    In a sharded run every rank runs as many packs as the rank with the most (zero-weight
+    0: one pack per mini-batch): the reference (and old) log-probs pack by pack without
+    gradients, then each pack's share of its mini-batch's loss (its token sums over the
+    mini-batch's token count) is backpropagated before the next pack runs, so the gradient is
+    the whole mini-batch's while only one pack's activations are alive (cfg.checkpointing
+    recomputes them layer by layer in the backward). In a sharded run every rank runs as many
+    mini-batches, and in each as many packs, as the rank with the most (zero-weight
     placeholders), since FSDP's collectives run per forward and backward."""
     t1 = time.perf_counter()
     logprob_fn = logprob_fn or (lambda *a: response_logprobs(policy, *a))
@@ -268,51 +276,47 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     with phase("gream.advantage"):
         adv_resp = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)
     starts = torch.as_tensor(starts)
-    packs = [(pack_groups([prompts[g] for g in gs], rs), torch.tensor(flat))
-             for gs, rs, flat in split_groups(prompts, responses, cfg.token_budget)]
-    weight = [not empty] * len(packs)
-    most = int(distributed.all_reduce(torch.tensor([float(len(packs))]), world, op="max"))
-    for _ in range(most - len(packs)):  # a rank with fewer packs runs zero-weight ones
-        p, r, _, _ = _placeholder_group(constraint)
-        packs.append((pack_groups(p, r), torch.zeros(1, dtype=torch.int64)))  # (any response)
-        weight.append(False)
-    # the step's response tokens, all ranks: every pack's loss sums over this count
-    tokens = distributed.all_reduce(torch.tensor(float(sum(
-        b.target.numel() for (b, _), w in zip(packs, weight) if w))), world)
-    normalizer = max(float(tokens), 1.0) / world.size
+    batches = _mini_batches(prompts, responses, cfg, constraint, empty, world)
     # log-softmax, the loss and the ratios stay float32 under autocast (the log-prob paths
     # upcast the logits); only the decoder's and the head's matmuls run in bfloat16
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    refs = []
-    if ref_model is not None:
-        with torch.no_grad(), autocast, phase("gream.logprob_pass"):
-            refs = [response_logprobs(ref_model, batch, constraint, cfg.score, starts[flat])
-                    for batch, flat in packs]
+    refs, olds = [], []
+    with torch.no_grad(), autocast, phase("gream.logprob_pass"):
+        for packs, _, _ in batches:
+            if ref_model is not None:
+                refs.append([response_logprobs(ref_model, batch, constraint, cfg.score,
+                                               starts[flat]) for batch, flat, _ in packs])
+            if len(batches) > 1:  # the rollout policy's, before any update
+                olds.append([logprob_fn(batch, constraint, cfg.score, starts[flat])
+                             for batch, flat, _ in packs])
     t2 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    totals = None
-    # (the group attention stays the model's through the backward: checkpointing recomputes)
-    with checkpointing(policy, cfg.checkpointing), group_attention_mode(policy):
-        for (batch, flat), ref, w in itertools.zip_longest(packs, refs, weight):
-            with autocast, phase("gream.logprob_pass"):
-                logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
-            # one update per rollout batch: the old policy is this one, the ratio exactly 1
-            # (its gradient is the policy gradient); no pass of its own
-            old = logp.detach()
-            mask = torch.full_like(logp, w, dtype=torch.bool)
-            adv = adv_resp[flat.to(dev)][batch.response.to(dev)]
-            with phase("gream.loss"):
-                loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
-            with phase("gream.backward"):
-                loss.backward()
-            part = torch.stack([loss.detach(), *loss_stats.values(),
-                                -(old.double() * mask).sum(),
-                                torch.tensor(float(batch.num_tokens * w))]).double().cpu()
-            totals = part if totals is None else totals + part
-    with phase("gream.optimizer"):
-        grad_norm = distributed.local(torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                                     cfg.clip_grad))
-        optimizer.step()
+    totals, norms = None, []
+    step_tokens = sum(tokens for _, tokens, _ in batches)
+    for i, (packs, tokens, normalizer) in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        share = tokens / max(step_tokens, 1.0)  # the mini-batch's part of the step's tokens
+        # (the group attention stays the model's through the backward: checkpointing recomputes)
+        with checkpointing(policy, cfg.checkpointing), group_attention_mode(policy):
+            for j, (batch, flat, w) in enumerate(packs):
+                with autocast, phase("gream.logprob_pass"):
+                    logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
+                old = olds[i][j] if olds else logp.detach()
+                mask = torch.full_like(logp, w, dtype=torch.bool)
+                adv = adv_resp[flat.to(dev)][batch.response.to(dev)]
+                ref = refs[i][j] if refs else None
+                with phase("gream.loss"):
+                    loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
+                with phase("gream.backward"):
+                    loss.backward()
+                part = torch.stack([loss.detach() * share,
+                                    *(v * share for v in loss_stats.values()),
+                                    -(old.double() * mask).sum(),
+                                    torch.tensor(float(batch.num_tokens * w))]).double().cpu()
+                totals = part if totals is None else totals + part
+        with phase("gream.optimizer"):
+            norms.append(float(distributed.local(torch.nn.utils.clip_grad_norm_(
+                policy.parameters(), cfg.clip_grad))))
+            optimizer.step()
     t3 = time.perf_counter()
     # sums over the ranks; the token means (loss, kl, clip fraction) are already each rank's
     # share of the global mean
@@ -323,11 +327,36 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     scale = 1 / world.size
     loss_sum, *means = total[:1 + len(loss_stats)]
     neg_old, packed, reward_sum, exact, n_resp = total[1 + len(loss_stats):]
-    return {"updated": True, "loss": loss_sum * scale, "grad_norm": float(grad_norm),
+    return {"updated": True, "loss": loss_sum * scale, "grad_norm": sum(norms) / len(norms),
             "reward_mean": reward_sum / n_resp, "exact_rate": exact / n_resp,
-            "entropy_proxy": neg_old / float(tokens), "response_len": float(tokens) / n_resp,
-            "tokens": int(packed), **{k: v * scale for k, v in zip(loss_stats, means)},
-            "packs": len(packs), "scoring_s": t2 - t1, "update_s": t3 - t2}
+            "entropy_proxy": neg_old / max(step_tokens, 1.0),
+            "response_len": step_tokens / n_resp, "tokens": int(packed),
+            **{k: v * scale for k, v in zip(loss_stats, means)}, "updates": len(batches),
+            "packs": sum(len(b[0]) for b in batches), "scoring_s": t2 - t1, "update_s": t3 - t2}
+
+
+def _mini_batches(prompts, responses, cfg, constraint, empty, world):
+    """[(packs, tokens, normalizer)] per mini-batch: packs [(GroupBatch, flat response index,
+    weight)], the mini-batch's response tokens over all ranks, and what its token sums are
+    divided by (tokens / world size). Every rank gets the same number of mini-batches and, in
+    each, of packs (zero-weight placeholders where it has fewer)."""
+    count = int(distributed.all_reduce(torch.tensor([float(min(cfg.mini_batches,
+                                                               len(prompts)))]), world, op="max"))
+    bounds = torch.linspace(0, len(prompts), count + 1).round().long().tolist()
+    first = [sum(len(r) for r in responses[:g]) for g in bounds]  # flat index of each start
+    out = []
+    for a, b, f in zip(bounds, bounds[1:], first):
+        packs = [(pack_groups([prompts[a + g] for g in gs], rs), torch.tensor(flat) + f,
+                  not empty) for gs, rs, flat in split_groups(prompts[a:b], responses[a:b],
+                                                               cfg.token_budget)]
+        most = int(distributed.all_reduce(torch.tensor([float(len(packs))]), world, op="max"))
+        for _ in range(most - len(packs)):  # a rank with fewer packs runs zero-weight ones
+            p, r, _, _ = _placeholder_group(constraint)
+            packs.append((pack_groups(p, r), torch.zeros(1, dtype=torch.int64), False))
+        tokens = float(distributed.all_reduce(torch.tensor(float(sum(
+            batch.target.numel() for batch, _, w in packs if w))), world))
+        out.append((packs, tokens, max(tokens, 1.0) / world.size))
+    return out
 
 
 @contextlib.contextmanager

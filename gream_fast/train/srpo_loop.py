@@ -79,6 +79,7 @@ class SRPOConfig:
     clip_grad: float = 1.0
     temperature: float = 1.0
     max_draws: int = 10
+    mini_batches: int = 1
     max_history: int = 20
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -129,6 +130,9 @@ HELP = {
                     "passes' gradients add up to the step's, so a budget bounds memory only "
                     "(reasoning mode at the reference's lengths: e.g. 32768)",
     "gradient_checkpointing": "recompute the policy's layer activations in the backward",
+    "mini_batches": "optimizer steps per rollout batch, each on its share of the groups, "
+                    "clipped against the rollout policy's log-probs (the reference: 4; 1: the "
+                    "ratio stays 1 and the clip never acts)",
     "allow_index_mismatch": INDEX_MISMATCH_HELP,
     "best_metric": "with --eval-every: best/ keeps the policy with the highest validation value "
                    "of this metric (recall@K or ndcg@K; ties: ndcg@10, then the earlier step)",
@@ -150,6 +154,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     if not Path(cfg.index).exists():
         raise InvalidInputError(f"--index {cfg.index}: no such file or folder")
     check_ranges(cfg, at_least={"steps": 1, "prompts_per_step": 1, "n": 1, "max_draws": 1,
+                                "mini_batches": 1,
                                 "max_history": 1, "eval_users": 0, "think_budget": 0,
                                 "token_budget": 0,
                                 **dict.fromkeys(("warmup_steps", "weight_decay", "beta",
@@ -414,7 +419,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
                               bf16=cfg.bf16 and device.type == "cuda",
-                              token_budget=cfg.token_budget,
+                              token_budget=cfg.token_budget, mini_batches=cfg.mini_batches,
                               checkpointing=cfg.gradient_checkpointing)
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     evaluating = cfg.eval_every > 0
