@@ -52,6 +52,10 @@ def test_srpo_cli_end_to_end(setup, tmp_path, capsys):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert "valid_recall@10" in metrics[0] and "valid_recall@10" in metrics[2]
     assert "valid_recall@10" not in metrics[1]
+    for m in metrics[0], metrics[2]:  # Recall@K grows with K (@20 needs 20 items); top-1 items
+        recall = [m[f"valid_recall@{k}"] for k in (1, 5, 10, 20) if f"valid_recall@{k}" in m]
+        assert len(recall) >= 3 and recall == sorted(recall)
+        assert 1 <= m["valid_distinct_top1"] <= 3  # (3 validation users)
     for m in metrics[1:]:
         assert 1 <= m["draws"] <= 2 and 0 <= m["kept_groups"] <= 3
         assert {"rollout_s", "step_time_s", "tokens_per_s", "lr", "elapsed_s"} <= set(m)

@@ -18,6 +18,7 @@ Outputs with `out`: `eval_{split}_rankings.jsonl` ({"user", "target", "ranked", 
 user, best first) and `eval_{split}_metrics.json`, each written atomically.
 """
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,18 @@ def check_mode(mode: str) -> None:
         raise InvalidInputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
 
 
+@dataclass
+class Rankings:
+    """Every evaluated user's ranking (rank_users)."""
+    users: np.ndarray  # [U] user ids
+    targets: np.ndarray  # [U] the held-out item of each
+    items: np.ndarray  # [U, num_beams] ranked items, best first
+    scores: np.ndarray  # [U, num_beams] their beam scores
+    thoughts: list  # reasoning mode: each user's reasoning text (else empty)
+    seconds: float
+    device: str
+
+
 def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str = "test",
              ks=DEFAULT_KS, num_beams: int = 10, batch_size: int = 16, score: str = "full",
              out=None, *, max_history: int = 20, max_users: int | None = None,
@@ -110,6 +123,43 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
     reasoning text goes to the rankings file. world: a gream_fast.train.distributed.World whose
     ranks share the users (batch b runs on rank b % size exactly as it would in one process, so
     the metrics are one process's); a collective call, every rank returns all users' metrics."""
+    ks = check_ks(ks)
+    if num_beams < max(ks):
+        raise InvalidInputError(f"num_beams: {num_beams} beams rank only {num_beams} items, but "
+                                f"metrics@{max(ks)} need at least {max(ks)}: raise num_beams or "
+                                "lower ks")
+    if out is not None and world is not None and world.distributed:
+        raise InvalidInputError("out: rankings files are written by a single process; evaluate "
+                                "with world=None to write them")
+    r = rank_users(model, tokenizer, dataset, index, mode, split, num_beams, batch_size, score,
+                   max_history=max_history, max_users=max_users, system_prompt=system_prompt,
+                   chat_template=chat_template, runner=runner, progress=progress,
+                   think_budget=think_budget, temperature=temperature, top_p=top_p, seed=seed,
+                   world=world)
+    metrics = recall_ndcg(r.items, r.targets, ks)
+    if out is not None:
+        out = Path(out)
+        write_jsonl(out / f"eval_{split}_rankings.jsonl", (
+            {"user": int(u), "target": int(t), "ranked": i.tolist(), "scores": sc.tolist(),
+             **({"reasoning": r.thoughts[j]} if r.thoughts else {})}
+            for j, (u, t, i, sc) in enumerate(zip(r.users, r.targets, r.items, r.scores))))
+        n = len(r.users)
+        write_json(out / f"eval_{split}_metrics.json", {
+            **metrics, "users": n, "split": split, "mode": mode, "num_beams": num_beams,
+            "score": score, "max_history": max_history, "seqrec_template": SEQREC_TEMPLATE,
+            "system_prompt": system_prompt, "device": r.device,
+            "seconds": round(r.seconds, 3), "users_per_second": round(n / r.seconds, 2)})
+    return metrics
+
+
+def rank_users(model, tokenizer, dataset, index, mode: str = "direct", split: str = "test",
+               num_beams: int = 10, batch_size: int = 16, score: str = "full", *,
+               max_history: int = 20, max_users: int | None = None, system_prompt: bool = True,
+               chat_template: str | None = None, runner=None, progress: bool = True,
+               think_budget: int = 512, temperature: float = 0.7, top_p: float = 0.9,
+               seed: int = 0, world=None) -> Rankings:
+    """The rankings behind evaluate() (the same arguments, without ks and out): each user's
+    num_beams items, best first, and their scores; every rank of `world` returns all users'."""
     check_mode(mode)
     constraint = None
     if not hasattr(index, "sid_codes"):  # a SIDConstraint: its index names the items
@@ -118,11 +168,6 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
         raise InvalidInputError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     if score not in ("full", "sid"):
         raise InvalidInputError(f"score: expected 'full' or 'sid', got {score!r}")
-    ks = check_ks(ks)
-    if num_beams < max(ks):
-        raise InvalidInputError(f"num_beams: {num_beams} beams rank only {num_beams} items, but "
-                                f"metrics@{max(ks)} need at least {max(ks)}: raise num_beams or "
-                                "lower ks")
     if num_beams > index.num_items:
         raise InvalidInputError(f"num_beams: {num_beams} is more than the {index.num_items} "
                                 "items of the index")
@@ -136,9 +181,6 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
         raise InvalidInputError(f"the index has {index.num_items} items but the dataset "
                                 f"{dataset.num_items}: they must describe the same items")
     sharded = world is not None and world.distributed
-    if sharded and out is not None:
-        raise InvalidInputError("out: rankings files are written by a single process; evaluate "
-                                "with world=None to write them")
 
     from tqdm.auto import tqdm
 
@@ -187,19 +229,5 @@ def evaluate(model, tokenizer, dataset, index, mode: str = "direct", split: str 
 
         items = all_reduce(torch.from_numpy(items), world).numpy()
         scores = all_reduce(torch.from_numpy(scores), world).numpy()
-    users, targets = examples.user[:n], examples.target[:n]
-    metrics = recall_ndcg(items, targets, ks)
-    seconds = time.perf_counter() - t0
-
-    if out is not None:
-        out = Path(out)
-        write_jsonl(out / f"eval_{split}_rankings.jsonl", (
-            {"user": int(u), "target": int(t), "ranked": r.tolist(), "scores": s.tolist(),
-             **({"reasoning": thoughts[j]} if thoughts else {})}
-            for j, (u, t, r, s) in enumerate(zip(users, targets, items, scores))))
-        write_json(out / f"eval_{split}_metrics.json", {
-            **metrics, "users": n, "split": split, "mode": mode, "num_beams": num_beams,
-            "score": score, "max_history": max_history, "seqrec_template": SEQREC_TEMPLATE,
-            "system_prompt": system_prompt, "device": str(runner.device),
-            "seconds": round(seconds, 3), "users_per_second": round(n / seconds, 2)})
-    return metrics
+    return Rankings(examples.user[:n], examples.target[:n], items, scores, thoughts,
+                    time.perf_counter() - t0, str(runner.device))

@@ -25,10 +25,12 @@ A run directory holds (checkpoints as in train.sft, format "gream-fast-srpo"):
                        exact_rate, kept_groups, draws; loss, kl, clip fractions, entropy_proxy,
                        response_len, tokens, grad_norm, rollout_s / scoring_s / update_s),
                        step_time_s, tokens_per_s, elapsed_s; with --eval-every, valid_recall@K /
-                       valid_ndcg@K on the first --eval-users validation users (a step-0 line
-                       holds the starting policy's); under torchrun the statistics are all
-                       ranks' together (kept_groups and tokens summed, draws the most any rank
-                       drew, the means over all their responses and tokens)
+                       valid_ndcg@K (K = 1, 5, 10, 20: 20 beams) and valid_distinct_top1 (the
+                       distinct items ranked first) on the first --eval-users validation users
+                       (a step-0 line holds the starting policy's); under torchrun the
+                       statistics are all ranks' together (kept_groups and tokens summed,
+                       draws the most any rank drew, the means over all their responses and
+                       tokens)
   checkpoint-STEP/     every `save_every` steps and at the end (atomic, exact resume)
   final/               the last model + tokenizer
   best/                with --eval-every: the evaluated policy (the starting one included) with
@@ -255,20 +257,25 @@ def step_seed(seed: int, step: int, rank: tuple = ()) -> int:
 
 # -- the loop ---------------------------------------------------------------------------------
 def _evaluate(policy, tokenizer, dataset, constraint, cfg: SRPOConfig, world=None) -> dict:
-    from gream_fast.eval import evaluate
+    """Validation: Recall / NDCG at 1, 5, 10 and 20 (20 beams), and distinct_top1, how many
+    different items the users' first recommendations are (a policy collapsing onto a few
+    popular items shows here before Recall moves)."""
+    from gream_fast.eval import recall_ndcg
+    from gream_fast.eval.evaluate import rank_users
 
-    beams = min(10, dataset.num_items)
-    ks = tuple(k for k in (1, 5, 10) if k <= beams)
+    beams = min(20, dataset.num_items)
+    ks = tuple(k for k in (1, 5, 10, 20) if k <= beams)
     was = policy.training
     policy.eval()
     try:
         with torch.no_grad():
-            m = evaluate(policy, tokenizer, dataset, constraint, mode=cfg.mode, split="valid",
-                         ks=ks, num_beams=beams, max_users=cfg.eval_users,
-                         max_history=cfg.max_history, progress=False,
-                         think_budget=cfg.think_budget, seed=cfg.seed, world=world)
+            r = rank_users(policy, tokenizer, dataset, constraint, mode=cfg.mode, split="valid",
+                           num_beams=beams, max_users=cfg.eval_users,
+                           max_history=cfg.max_history, progress=False,
+                           think_budget=cfg.think_budget, seed=cfg.seed, world=world)
     finally:
         policy.train(was)
+    m = {**recall_ndcg(r.items, r.targets, ks), "distinct_top1": len(np.unique(r.items[:, 0]))}
     return {f"valid_{k}": v for k, v in m.items()}
 
 
