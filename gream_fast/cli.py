@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gream_fast.eval.cli import add_cli as add_eval
 
-    add_eval(stages)  # eval, recommend
+    add_eval(stages)  # eval, recommend, compare
     from gream_fast.train.cli import add_cli as add_train
 
     add_train(stages)  # train sft

@@ -158,7 +158,7 @@ def run_recommend(cfg: RecommendConfig) -> list:
 
 
 def add_cli(subparsers) -> None:
-    """Register `eval` and `recommend` on the top-level `gream-fast` subparsers."""
+    """Register `eval`, `recommend` and `compare` on the top-level `gream-fast` subparsers."""
     from gream_fast.config import add_fields, from_args
     from gream_fast.eval.evaluate import MODES, SPLITS
 
@@ -209,3 +209,32 @@ def add_cli(subparsers) -> None:
             print(f"{r}\t{item}\t{score:.4f}" + (f"\t{title}" if title is not None else ""))
 
     p.set_defaults(run=recommend_main)
+
+    p = subparsers.add_parser(
+        "compare", help="paired bootstrap comparison of two evaluated models on the same users")
+    for name in ("a", "b"):
+        p.add_argument(name, metavar=f"RUN_{name.upper()}",
+                       help="an evaluation folder (gream-fast eval --out), or several separated "
+                            "by commas (seeds: averaged user by user)")
+    p.add_argument("--k", type=int, default=10, help="Recall@K and NDCG@K")
+    p.add_argument("--splits", default="valid,test",
+                   help="splits pooled by user (each user's metric is its mean over them)")
+    p.add_argument("--samples", type=int, default=10_000, help="bootstrap resamples of the users")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    p.add_argument("--out", type=Path, default=None, help="also write the result to this JSON file")
+
+    def compare_main(args):
+        from gream_fast.eval.compare import compare
+        from gream_fast.files import check_output, write_json
+
+        runs = {n: [Path(f) for f in getattr(args, n).split(",") if f] for n in ("a", "b")}
+        if args.out is not None:
+            check_output(args.out, command="compare", inputs=runs["a"] + runs["b"],
+                         folder=False, flag="--out")
+        result = compare(runs["a"], runs["b"], k=args.k, splits=args.splits.split(","),
+                         samples=args.samples, seed=args.seed)
+        if args.out is not None:
+            write_json(args.out, result)
+        print(json.dumps(result, indent=2))
+
+    p.set_defaults(run=compare_main)
