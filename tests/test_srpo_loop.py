@@ -134,6 +134,15 @@ def test_instances_and_order(setup):
     again = Instances(data, 20, seed=5).batch(len(inst) - 2, 5)
     assert again[:2] == first[-2:]  # a step may span two passes
     assert sorted(inst.batch(len(inst), len(inst))) == sorted(first)  # the next pass
+    # --prompts last-K: each user's last K training positions (fewer if it has fewer)
+    for k in (1, 2):
+        last = Instances(data, 20, seed=5, last=k).examples
+        assert len(last) == int(np.clip(lens - 2 - FIRST_TARGET, 0, k).sum())
+        for u in np.unique(last.user):
+            seq = data.sequences[u]["items"]
+            mine = last.target[last.user == u].tolist()
+            assert mine == seq[max(FIRST_TARGET, len(seq) - 2 - k):len(seq) - 2]
+    assert len(Instances(data, 20, seed=5, last=1)) < len(inst)
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
@@ -145,7 +154,8 @@ def test_resume_is_exact(setup, tmp_path, mini_batches):
     root, _ = setup
     base = dict(model=str(root / "sft"), data=str(root / "data"), index=str(root / "index"),
                 n=4, prompts_per_step=2, max_draws=2, lr=1e-3, warmup_steps=1, steps=2,
-                save_every=0, device="cpu", mini_batches=mini_batches)
+                save_every=0, device="cpu", mini_batches=mini_batches,
+                prompts="all" if mini_batches == 1 else "last-2")
     straight = train(SRPOConfig(out=str(tmp_path / "a"), **base), progress=False)
     half = train(SRPOConfig(out=str(tmp_path / "b"), stop_after=1, **base), progress=False)
     assert half["steps"] == 1 and half["final"] is None
@@ -200,6 +210,9 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "--n: expected >= 1" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--mini-batches", "0")) == 2
     assert "--mini-batches: expected >= 1" in capsys.readouterr().err
+    for bad in ("last-0", "first-3", "last"):
+        assert main(args(root, tmp_path / "r", "--prompts", bad)) == 2
+        assert "--prompts: expected all or last-K" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--best-metric", "mrr@10")) == 2
     assert "--best-metric: expected recall@K or ndcg@K" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's choices

@@ -148,12 +148,17 @@ class Dataset:
         # a history is never longer than the longest sequence: no wider buffer than that
         return int(min(h, max(int(np.diff(self.offsets).max(initial=0)), 1)))
 
-    def examples(self, first: int = 1, last_offset: int = 2, max_history: int | None = None) -> Examples:
-        """Examples at positions first .. len - last_offset - 1 of every user's sequence."""
+    def examples(self, first: int = 1, last_offset: int = 2, max_history: int | None = None,
+                 last: int = 0) -> Examples:
+        """Examples at positions first .. len - last_offset - 1 of every user's sequence; with
+        last > 0 only each user's last `last` of them (every user at most `last`)."""
         h = self._history(max_history)
         lens = np.diff(self.offsets)
+        ends = lens - last_offset
         starts = np.full(len(lens), first, dtype=np.int64)
-        return Examples(*_windows(self.offsets, self.flat_items, starts, lens - last_offset, h))
+        if last > 0:
+            starts = np.maximum(starts, ends - last)
+        return Examples(*_windows(self.offsets, self.flat_items, starts, ends, h))
 
     def split(self, max_history: int | None = None) -> Split:
         """Leave-one-out: train targets are every position of seq[:-2] after the first; valid

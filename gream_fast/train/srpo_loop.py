@@ -82,6 +82,7 @@ class SRPOConfig:
     temperature: float = 1.0
     max_draws: int = 10
     mini_batches: int = 1
+    prompts: str = "all"
     max_history: int = 20
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -132,6 +133,8 @@ HELP = {
                     "passes' gradients add up to the step's, so a budget bounds memory only "
                     "(reasoning mode at the reference's lengths: e.g. 32768)",
     "gradient_checkpointing": "recompute the policy's layer activations in the backward",
+    "prompts": "RL prompts: all (every training position of every user) or last-K (each "
+               "user's last K training positions: every user weighs about the same)",
     "mini_batches": "optimizer steps per rollout batch, each on its share of the groups, "
                     "clipped against the rollout policy's log-probs (the reference: 4; 1: the "
                     "ratio stays 1 and the clip never acts)",
@@ -164,6 +167,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
                                                  "stop_after", "eval_every"), 0)},
                  positive=("lr", "temperature"))
     check_output(cfg.out, **run_folder(cfg))
+    prompts_last(cfg.prompts)
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
@@ -213,13 +217,15 @@ def load_policy(path, index, device, allow_index_mismatch: bool = False):
 
 # -- data -------------------------------------------------------------------------------------
 class Instances:
-    """The RL instances (the CoT samples', tasks.reason) and their seeded order."""
+    """The RL instances (the CoT samples', tasks.reason: every training position, or with
+    last > 0 each user's last `last`, so that long users do not dominate) and their seeded
+    order."""
 
-    def __init__(self, dataset, max_history: int, seed: int):
+    def __init__(self, dataset, max_history: int, seed: int, last: int = 0):
         from gream_fast.tasks.reason import FIRST_TARGET
 
         self.examples = dataset.examples(first=FIRST_TARGET, last_offset=2,
-                                         max_history=max_history)
+                                         max_history=max_history, last=last)
         if len(self.examples) == 0:
             raise InvalidInputError(f"the dataset has no training targets at position >= "
                                     f"{FIRST_TARGET}: no SRPO instances")
@@ -238,6 +244,17 @@ class Instances:
         """Instance ids at positions start .. start + size - 1 of the endless shuffled order."""
         e = len(self)
         return [int(self.order(q // e)[q % e]) for q in range(start, start + size)]
+
+
+def prompts_last(value: str) -> int:
+    """--prompts as the number of last positions per user (0: all)."""
+    if value == "all":
+        return 0
+    name, _, k = value.partition("-")
+    if name != "last" or not k.isdigit() or int(k) < 1:
+        raise InvalidInputError(f"--prompts: expected all or last-K with K >= 1 (e.g. last-3), "
+                                f"got {value!r}")
+    return int(k)
 
 
 def think_format(tokenizer, prompts):
@@ -377,7 +394,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
     if index.num_items != dataset.num_items:
         raise InvalidInputError(f"--index {cfg.index} has {index.num_items} items but --data "
                                 f"{cfg.data} {dataset.num_items}: they must describe the same items")
-    instances = Instances(dataset, cfg.max_history, cfg.seed)
+    instances = Instances(dataset, cfg.max_history, cfg.seed, prompts_last(cfg.prompts))
     data_stats = {"instances": len(instances), "items": dataset.num_items}
     torch.manual_seed(cfg.seed)
 
