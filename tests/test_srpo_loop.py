@@ -155,7 +155,9 @@ def test_resume_is_exact(setup, tmp_path, mini_batches):
     base = dict(model=str(root / "sft"), data=str(root / "data"), index=str(root / "index"),
                 n=4, prompts_per_step=2, max_draws=2, lr=1e-3, warmup_steps=1, steps=2,
                 save_every=0, device="cpu", mini_batches=mini_batches,
-                prompts="all" if mini_batches == 1 else "last-2")
+                # the second run also takes the other prompt set and rollouts
+                prompts="all" if mini_batches == 1 else "last-2",
+                rollout="sample" if mini_batches == 1 else "beam")
     straight = train(SRPOConfig(out=str(tmp_path / "a"), **base), progress=False)
     half = train(SRPOConfig(out=str(tmp_path / "b"), stop_after=1, **base), progress=False)
     assert half["steps"] == 1 and half["final"] is None
@@ -210,6 +212,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "--n: expected >= 1" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--mini-batches", "0")) == 2
     assert "--mini-batches: expected >= 1" in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--rollout", "beam", "--mode", "reasoning")) == 2
+    assert "--rollout: expected sample, or beam with --mode direct" in capsys.readouterr().err
     for bad in ("last-0", "first-3", "last"):
         assert main(args(root, tmp_path / "r", "--prompts", bad)) == 2
         assert "--prompts: expected all or last-K" in capsys.readouterr().err

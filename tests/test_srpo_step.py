@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
+from gream_fast import GreamError
 from gream_fast.generate import SIDConstraint
 from gream_fast.index.semantic_index import SemanticIndex
 from gream_fast.train.srpo import SRPOStepConfig, draw_groups, sid_trie, srpo_step
@@ -338,3 +339,46 @@ def test_mini_batches_clip_against_the_rollout_policy(monkeypatch):
     assert stats["clip_fraction"] > 0  # ... past the clip, which now acts
     assert 0 < stats["grad_norm"] and stats["tokens"] == sum(
         pack_groups(prompts[h], responses[h]).num_tokens for h in (slice(0, 2), slice(2, 4)))
+
+
+def test_beam_rollouts_are_the_n_best_distinct_items():
+    """rollout="beam": each group is the n best distinct items of the constrained beam search
+    (its token sequences, SID + EOS), rewarded as sampled ones are; a step on them updates
+    the policy; reasoning mode refuses it."""
+    from gream_fast.generate import beam_search
+    from gream_fast.model import make_runner
+
+    model, con = setup(seed=5)
+    prompts, targets, n = [[3, 4, 5], [6, 7]], [1, 9], 5
+    cfg = SRPOStepConfig(n=n, rollout="beam", max_draws=1)
+    got = draw_groups(model, prompts, targets, con, cfg, seed=0)
+    res = beam_search(make_runner(model), prompts, con, n, n)
+    kept = [prompts.index(p) for p in got.prompts]
+    assert kept and got.draws == 1
+    for g, responses in zip(kept, got.responses):
+        want = [t[t >= 0].tolist() for t in res.tokens[g]]
+        assert responses == want and all(r[-1] == EOS for r in responses)
+        items = con.trie.lookup(np.array(responses))
+        assert items.tolist() == res.items[g].tolist() and len(set(items.tolist())) == n
+    reward, _ = sid_reward_of(got.responses, [targets[g] for g in kept], con)
+    assert torch.equal(got.rewards, reward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = srpo_step(model, copy.deepcopy(model).eval(), opt, prompts, targets, con, cfg)
+    assert stats["updated"] == bool(kept) and stats["distinct_items"] == n
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(GreamError, match="rollout"):
+        draw_groups(model, prompts, targets, con,
+                    SRPOStepConfig(n=n, rollout="beam", mode="reasoning"), seed=0, fmt=object())
+
+
+def sid_reward_of(responses, targets, con):
+    from gream_fast.train.rewards import sid_reward
+
+    rows = [r for group in responses for r in group]
+    pred = torch.full((len(rows), max(map(len, rows))), -1)
+    for i, r in enumerate(rows):
+        pred[i, :len(r)] = torch.tensor(r)
+    n = len(responses[0])
+    return sid_reward(pred, torch.tensor(targets).repeat_interleave(n), sid_trie(con),
+                      eos_token_id=EOS)

@@ -49,6 +49,7 @@ class SRPOStepConfig:
     k: int = 4  # pass@k of the advantage bonus
     score: str = "full"  # log-prob normalisation: "full" vocabulary or the "sid" level
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
+    rollout: str = "sample"  # direct mode: n sampled SIDs, or the n best distinct by "beam"
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
     bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
     token_budget: int = 0  # tokens per packed pass (0: each mini-batch in one pass)
@@ -110,8 +111,13 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
     if cfg.mode == "reasoning" and fmt is None:
         raise InvalidInputError("srpo_step: reasoning mode needs the ThinkFormat (fmt) of the "
                                 "tokenizer's markers")
+    if cfg.rollout not in ("sample", "beam") or (cfg.rollout == "beam" and cfg.mode != "direct"):
+        raise InvalidInputError(f"rollout: expected 'sample', or 'beam' in direct mode; got "
+                                f"{cfg.rollout!r} in {cfg.mode} mode")
     with phase("gream.rollout"):
-        if cfg.mode == "direct":
+        if cfg.rollout == "beam":
+            roll = _beam_rollouts(policy, prompts, constraint, cfg)
+        elif cfg.mode == "direct":
             roll = sample(policy, prompts, constraint, n=cfg.n, temperature=cfg.temperature,
                           seed=seed)
         else:
@@ -129,6 +135,25 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
         reward, match, _ = gated_sid_reward(pred, start, tgt, trie, constraint.eos_token_id,
                                             fmt, constraint.token_table)
     return pred, reward, match, start, items
+
+
+def _beam_rollouts(policy, prompts, constraint, cfg):
+    """The n best distinct items of each prompt by the trie-constrained beam search (n beams,
+    cfg.score), as generate.sample's Rollouts: a group of n different real items, ranked by
+    the policy (deterministic: no seed, no temperature)."""
+    from gream_fast.generate import beam_search
+    from gream_fast.generate.sample import Rollouts
+    from gream_fast.model import make_runner
+
+    if cfg.n > constraint.num_items:
+        raise InvalidInputError(f"rollout beam: n = {cfg.n} distinct items, but the index has "
+                                f"{constraint.num_items}")
+    res = beam_search(make_runner(policy), prompts, constraint, cfg.n, cfg.n, score=cfg.score)
+    tokens = res.tokens.reshape(len(prompts) * cfg.n, -1)
+    mask = tokens >= 0
+    return Rollouts(tokens.clamp(min=0), torch.zeros(mask.shape, device=tokens.device), mask,
+                    res.items.reshape(-1),
+                    torch.arange(len(prompts), device=tokens.device).repeat_interleave(cfg.n))
 
 
 @dataclass

@@ -57,6 +57,7 @@ from gream_fast.train.sft import RUN_HELP
 
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
+ROLLOUTS = ("sample", "beam")
 # as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
 RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
              "index", "allow_index_mismatch", "token_budget", "gradient_checkpointing"}
@@ -83,6 +84,7 @@ class SRPOConfig:
     max_draws: int = 10
     mini_batches: int = 1
     prompts: str = "all"
+    rollout: str = "sample"
     max_history: int = 20
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -133,6 +135,8 @@ HELP = {
                     "passes' gradients add up to the step's, so a budget bounds memory only "
                     "(reasoning mode at the reference's lengths: e.g. 32768)",
     "gradient_checkpointing": "recompute the policy's layer activations in the backward",
+    "rollout": "direct mode's rollouts: sample (n SIDs sampled at --temperature) or beam "
+               "(the n best distinct items by the trie-constrained beam search)",
     "prompts": "RL prompts: all (every training position of every user) or last-K (each "
                "user's last K training positions: every user weighs about the same)",
     "mini_batches": "optimizer steps per rollout batch, each on its share of the groups, "
@@ -168,6 +172,9 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
                  positive=("lr", "temperature"))
     check_output(cfg.out, **run_folder(cfg))
     prompts_last(cfg.prompts)
+    if cfg.rollout not in ROLLOUTS or (cfg.rollout == "beam" and cfg.mode != "direct"):
+        raise InvalidInputError(f"--rollout: expected sample, or beam with --mode direct; got "
+                                f"{cfg.rollout} with --mode {cfg.mode}")
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
@@ -442,6 +449,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
+                              rollout=cfg.rollout,
                               bf16=cfg.bf16 and device.type == "cuda",
                               token_budget=cfg.token_budget, mini_batches=cfg.mini_batches,
                               checkpointing=cfg.gradient_checkpointing)
