@@ -157,7 +157,8 @@ def test_resume_is_exact(setup, tmp_path, mini_batches):
                 save_every=0, device="cpu", mini_batches=mini_batches,
                 # the second run also takes the other prompt set and rollouts
                 prompts="all" if mini_batches == 1 else "last-2",
-                rollout="sample" if mini_batches == 1 else "beam")
+                rollout="sample" if mini_batches == 1 else "beam",
+                credit="response" if mini_batches == 1 else "level")
     straight = train(SRPOConfig(out=str(tmp_path / "a"), **base), progress=False)
     half = train(SRPOConfig(out=str(tmp_path / "b"), stop_after=1, **base), progress=False)
     assert half["steps"] == 1 and half["final"] is None
@@ -214,6 +215,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "--mini-batches: expected >= 1" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--rollout", "beam", "--mode", "reasoning")) == 2
     assert "--rollout: expected sample, or beam with --mode direct" in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--credit", "level", "--mode", "reasoning")) == 2
+    assert "--credit: expected response, or level with --mode direct" in capsys.readouterr().err
     for bad in ("last-0", "first-3", "last"):
         assert main(args(root, tmp_path / "r", "--prompts", bad)) == 2
         assert "--prompts: expected all or last-K" in capsys.readouterr().err

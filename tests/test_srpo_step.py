@@ -382,3 +382,46 @@ def sid_reward_of(responses, targets, con):
     n = len(responses[0])
     return sid_reward(pred, torch.tensor(targets).repeat_interleave(n), sid_trie(con),
                       eos_token_id=EOS)
+
+
+def test_per_level_credit_advantages(monkeypatch):
+    """credit="level": each token's advantage is the group advantage, at its depth, of the
+    responses' per-level credits (train.rewards.level_credit), the end tokens a depth of their
+    own; a wrong item's tokens after its matched prefix get the advantage of credit 0."""
+    from gream_fast.kernels import group_advantage
+    from gream_fast.train import srpo
+    from gream_fast.train.rewards import level_credit
+    from gream_fast.train.srpo import srpo_update
+
+    model, con = setup(seed=6)
+    prompts = [[3, 4, 5], [6, 7]]
+    # 2 levels of K=4 codes, tokens BASE + level * K + code; target of group 0: codes (1, 2),
+    # of group 1: (0, 3)
+    t = [[BASE + 1, BASE + K + 2], [BASE + 0, BASE + K + 3]]
+    responses = [[t[0] + [EOS], [BASE + 1, BASE + K + 0, EOS], [BASE + 3, BASE + K + 2, EOS],
+                  [BASE + 1, BASE + K + 1, EOS]],
+                 [t[1] + [EOS], t[1] + [EOS], [BASE + 2, BASE + K + 3, EOS]]]
+    matches = torch.tensor([2, 1, 0, 1, 2, 2, 0])
+    rewards = torch.tensor([1.0, 0.5, 0.0, 0.5, 1.0, 1.0, 0.0])
+    seen = []
+    real_loss = srpo.srpo_loss
+
+    def spy(logp, old, adv, mask, ref, cfg, normalizer):
+        seen.append(adv.clone())
+        return real_loss(logp, old, adv, mask, ref, cfg, normalizer)
+
+    monkeypatch.setattr(srpo, "srpo_loss", spy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    srpo_update(model, None, opt, prompts, responses, rewards, torch.zeros(7, dtype=torch.int64),
+                con, SRPOStepConfig(n=4, credit="level"), matches=matches)
+    credit = level_credit([3] * 7, [True] * 7, matches, rewards == 1.0)
+    assert credit[1].tolist() == [0.5, 0.0, 0.0]  # the cluster, then nothing for the wrong code
+    want = []
+    for rows in (range(0, 4), range(4, 7)):
+        per_depth = [group_advantage(credit[list(rows), d], torch.zeros(len(rows), dtype=torch.long))
+                     for d in range(3)]
+        want += [per_depth[d][i] for i in range(len(rows)) for d in range(3)]
+    torch.testing.assert_close(seen[0], torch.stack(want))
+    with pytest.raises(GreamError, match="credit"):
+        draw_groups(model, prompts, [0, 1], con,
+                    SRPOStepConfig(n=4, credit="level", mode="reasoning"), seed=0, fmt=object())

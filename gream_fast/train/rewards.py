@@ -41,6 +41,29 @@ def sid_reward(pred_tokens, target_items, trie: PrefixTrie, eos_token_id: int | 
     return like(reward.astype(np.float32), pred_tokens), like(match, pred_tokens)
 
 
+def level_credit(lengths, ends, matches, exact):
+    """Per-level credit of direct-mode responses: each token's own reward, [R, W] float32 (W the
+    longest response; 0 past a response's end). SID token d (0-based) earns what the prefix up
+    to it earns when it matches the target's token d (PARTIAL_REWARDS[d + 1], 1.0 for the last
+    token of the exact item) and 0 once the response has gone wrong: a wrong item's later
+    tokens are not paid for the cluster its first ones found. The end token earns 1.0 after
+    the exact item, else 0.
+
+    lengths [R] tokens per response; ends [R] bool: the response closes with the end token;
+    matches [R] leading SID tokens shared with the target; exact [R] bool: the target item."""
+    import torch
+
+    lengths, matches = torch.as_tensor(lengths), torch.as_tensor(matches).long()
+    ends, exact = torch.as_tensor(ends), torch.as_tensor(exact)
+    d = torch.arange(int(lengths.max()) if len(lengths) else 0)[None]
+    sid_len = (lengths - ends.long())[:, None]
+    table = torch.tensor(PARTIAL_REWARDS)
+    credit = torch.where(d < matches[:, None], table[(d + 1).clamp(max=len(table) - 1)], 0.0)
+    credit = torch.where(exact[:, None] & (d == sid_len - 1), EXACT_REWARD, credit)
+    credit = torch.where(ends[:, None] & (d == sid_len), exact[:, None].float(), credit)
+    return torch.where(d < lengths[:, None], credit, 0.0)
+
+
 @dataclass
 class ThinkFormat:
     """Token ids of the reasoning layout's markers (tasks.reason.response)."""

@@ -35,7 +35,8 @@ from gream_fast.train.distributed import World
 from gream_fast.train.group_pack import (group_attention_mode, pack_groups, response_hidden,
                                          split_groups)
 from gream_fast.train.loss import token_logprobs
-from gream_fast.train.rewards import ThinkFormat, gated_sid_reward, sid_reward
+from gream_fast.train.rewards import (EXACT_REWARD, ThinkFormat, gated_sid_reward,
+                                      level_credit, sid_reward)
 from gream_fast.train.srpo_loss import SRPOLossConfig, srpo_loss
 
 
@@ -50,6 +51,7 @@ class SRPOStepConfig:
     score: str = "full"  # log-prob normalisation: "full" vocabulary or the "sid" level
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
     rollout: str = "sample"  # direct mode: n sampled SIDs, or the n best distinct by "beam"
+    credit: str = "response"  # advantage per response, or per SID "level" (direct mode)
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
     bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
     token_budget: int = 0  # tokens per packed pass (0: each mini-batch in one pass)
@@ -114,6 +116,10 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
     if cfg.rollout not in ("sample", "beam") or (cfg.rollout == "beam" and cfg.mode != "direct"):
         raise InvalidInputError(f"rollout: expected 'sample', or 'beam' in direct mode; got "
                                 f"{cfg.rollout!r} in {cfg.mode} mode")
+    if cfg.credit not in ("response", "level") or (cfg.credit == "level" and
+                                                    cfg.mode != "direct"):
+        raise InvalidInputError(f"credit: expected 'response', or 'level' in direct mode; got "
+                                f"{cfg.credit!r} in {cfg.mode} mode")
     with phase("gream.rollout"):
         if cfg.rollout == "beam":
             roll = _beam_rollouts(policy, prompts, constraint, cfg)
@@ -257,7 +263,7 @@ def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
     if not int(kept):  # the skip is global: no rank runs the FSDP passes
         return {**stats, "updated": False, "rollout_s": t1 - t0}
     out = srpo_update(policy, ref_model, optimizer, got.prompts, got.responses, got.rewards,
-                      got.sid_start, constraint, cfg, logprob_fn, world)
+                      got.sid_start, constraint, cfg, logprob_fn, world, got.matches)
     return {**stats, **out, "rollout_s": t1 - t0}
 
 
@@ -269,10 +275,12 @@ def _placeholder_group(constraint):
 
 def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, starts, constraint,
                 cfg: SRPOStepConfig = SRPOStepConfig(), logprob_fn=None,
-                world: World = World()) -> dict:
+                world: World = World(), matches=None) -> dict:
     """The update on fixed groups: prompts (G token-id lists), responses (G lists of response
     token lists), rewards [R] and sid_start [R] over the responses in order. Advantages are per
-    group; the groups are split into cfg.mini_batches runs of consecutive groups, one optimizer
+    group (cfg.credit "level": per token, from each response's own per-level credit and
+    matches [R], the SID tokens it shares with its target); the groups are split into
+    cfg.mini_batches runs of consecutive groups, one optimizer
     step each, whose loss is the mean over that mini-batch's response tokens (in a sharded run:
     over every rank's, via the loss normaliser). The statistics are the step's, all ranks'
     together: the token means over every mini-batch, grad_norm the mean of the updates'.
@@ -296,10 +304,17 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     empty = not prompts
     if empty:
         prompts, responses, rewards, starts = _placeholder_group(constraint)
+        matches = torch.zeros(1, dtype=torch.int64)
     sizes = torch.tensor([len(r) for r in responses])
     groups = torch.repeat_interleave(torch.arange(len(prompts)), sizes)
     with phase("gream.advantage"):
-        adv_resp = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)
+        if cfg.credit == "level":  # [R, W]: each token its own
+            if matches is None:
+                raise InvalidInputError("srpo_update: per-level credit needs the matches")
+            adv_tok = _level_advantages(responses, rewards, matches, groups,
+                                        constraint.eos_token_id, cfg.k).to(dev)
+        else:
+            adv_resp = group_advantage(rewards.to(dev), groups.to(dev), k=cfg.k)
     starts = torch.as_tensor(starts)
     batches = _mini_batches(prompts, responses, cfg, constraint, empty, world)
     # log-softmax, the loss and the ratios stay float32 under autocast (the log-prob paths
@@ -327,7 +342,9 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
                     logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
                 old = olds[i][j] if olds else logp.detach()
                 mask = torch.full_like(logp, w, dtype=torch.bool)
-                adv = adv_resp[flat.to(dev)][batch.response.to(dev)]
+                rows = flat.to(dev)[batch.response.to(dev)]  # each token's response
+                adv = adv_tok[rows, batch.depth.to(dev)] if cfg.credit == "level" else \
+                    adv_resp[rows]
                 ref = refs[i][j] if refs else None
                 with phase("gream.loss"):
                     loss, loss_stats = srpo_loss(logp, old, adv, mask, ref, cfg.loss, normalizer)
@@ -358,6 +375,27 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
             "response_len": step_tokens / n_resp, "tokens": int(packed),
             **{k: v * scale for k, v in zip(loss_stats, means)}, "updates": len(batches),
             "packs": sum(len(b[0]) for b in batches), "scoring_s": t2 - t1, "update_s": t3 - t2}
+
+
+def _level_advantages(responses, rewards, matches, groups, eos_token_id, k):
+    """Per-level credit's advantages [R, W]: train.rewards.level_credit per token, then the
+    group advantage of each (group, depth) over the responses that have a token there (the end
+    tokens form a depth of their own: responses may differ in length)."""
+    flat = [r for group in responses for r in group]
+    lengths = torch.tensor([len(r) for r in flat])
+    ends = torch.tensor([bool(r) and r[-1] == eos_token_id for r in flat])
+    credit = level_credit(lengths, ends, torch.as_tensor(matches), rewards == EXACT_REWARD)
+    R, W = credit.shape
+    d = torch.arange(W)[None].expand(R, W)
+    valid = d < lengths[:, None]
+    depth = torch.where(ends[:, None] & (d == lengths[:, None] - 1), W, d)
+    bucket = (groups[:, None] * (W + 1) + depth)[valid]
+    order = torch.argsort(bucket, stable=True)  # a bucket's entries contiguous
+    values = torch.empty(len(order))
+    values[order] = group_advantage(credit[valid][order], bucket[order], k=k)
+    adv = torch.zeros(R, W)
+    adv[valid] = values
+    return adv
 
 
 def _mini_batches(prompts, responses, cfg, constraint, empty, world):

@@ -58,6 +58,7 @@ from gream_fast.train.sft import RUN_HELP
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
 ROLLOUTS = ("sample", "beam")
+CREDITS = ("response", "level")
 # as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
 RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
              "index", "allow_index_mismatch", "token_budget", "gradient_checkpointing"}
@@ -85,6 +86,7 @@ class SRPOConfig:
     mini_batches: int = 1
     prompts: str = "all"
     rollout: str = "sample"
+    credit: str = "response"
     max_history: int = 20
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -137,6 +139,9 @@ HELP = {
     "gradient_checkpointing": "recompute the policy's layer activations in the backward",
     "rollout": "direct mode's rollouts: sample (n SIDs sampled at --temperature) or beam "
                "(the n best distinct items by the trie-constrained beam search)",
+    "credit": "the advantage: per response (METHOD.md), or per SID level (direct mode: a "
+              "token is credited for matching the target up to its level, so a wrong item's "
+              "later tokens are not paid for its right cluster)",
     "prompts": "RL prompts: all (every training position of every user) or last-K (each "
                "user's last K training positions: every user weighs about the same)",
     "mini_batches": "optimizer steps per rollout batch, each on its share of the groups, "
@@ -175,6 +180,9 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     if cfg.rollout not in ROLLOUTS or (cfg.rollout == "beam" and cfg.mode != "direct"):
         raise InvalidInputError(f"--rollout: expected sample, or beam with --mode direct; got "
                                 f"{cfg.rollout} with --mode {cfg.mode}")
+    if cfg.credit not in CREDITS or (cfg.credit == "level" and cfg.mode != "direct"):
+        raise InvalidInputError(f"--credit: expected response, or level with --mode direct; got "
+                                f"{cfg.credit} with --mode {cfg.mode}")
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
@@ -449,7 +457,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
-                              rollout=cfg.rollout,
+                              rollout=cfg.rollout, credit=cfg.credit,
                               bf16=cfg.bf16 and device.type == "cuda",
                               token_budget=cfg.token_budget, mini_batches=cfg.mini_batches,
                               checkpointing=cfg.gradient_checkpointing)
