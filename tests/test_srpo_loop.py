@@ -217,6 +217,8 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "--rollout: expected sample, or beam with --mode direct" in capsys.readouterr().err
     assert main(args(root, tmp_path / "r", "--credit", "level", "--mode", "reasoning")) == 2
     assert "--credit: expected response, or level with --mode direct" in capsys.readouterr().err
+    assert main(args(root, tmp_path / "r", "--reward", "rank")) == 2  # sampled groups: no rank
+    assert "--reward: expected residual, or rank with --rollout beam" in capsys.readouterr().err
     for bad in ("last-0", "first-3", "last"):
         assert main(args(root, tmp_path / "r", "--prompts", bad)) == 2
         assert "--prompts: expected all or last-K" in capsys.readouterr().err

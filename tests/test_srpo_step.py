@@ -425,3 +425,37 @@ def test_per_level_credit_advantages(monkeypatch):
     with pytest.raises(GreamError, match="credit"):
         draw_groups(model, prompts, [0, 1], con,
                     SRPOStepConfig(n=4, credit="level", mode="reasoning"), seed=0, fmt=object())
+
+
+def test_rank_reward_of_beam_groups():
+    """reward="rank": in a beam group that holds the target, each wrong item at beam rank i
+    loses (1 / log2(i + 1)) / sum_j (1 / log2(j + 1)); groups without it are unchanged; it needs
+    beam rollouts."""
+    from gream_fast.train.rewards import rank_rewards
+
+    w = np.array([1 / np.log2(i + 1) for i in range(1, 5)])
+    w /= w.sum()
+    exact = torch.tensor([False, False, True, False, False, False, False, False])
+    np.testing.assert_allclose(rank_rewards(exact, 4).numpy(), [-w[0], -w[1], 0, -w[3], 0, 0, 0, 0],
+                               rtol=1e-6)
+    model, con = setup(seed=5)
+    prompts, n = [[3, 4, 5], [6, 7]], 5
+    # the targets: an item inside group 0's beams (at rank 3), one outside group 1's
+    from gream_fast.generate import beam_search
+    from gream_fast.model import make_runner
+
+    res = beam_search(make_runner(model), prompts, con, n, n)
+    outside = next(i for i in range(con.num_items) if i not in res.items[1].tolist())
+    targets = [int(res.items[0, 2]), outside]
+    plain = draw_groups(model, prompts, targets, con, SRPOStepConfig(n=n, rollout="beam"), seed=0)
+    ranked = draw_groups(model, prompts, targets, con,
+                         SRPOStepConfig(n=n, rollout="beam", reward="rank"), seed=0)
+    assert plain.prompts == ranked.prompts == prompts  # both groups have reward variance
+    w = np.array([1 / np.log2(i + 1) for i in range(1, n + 1)])
+    w /= w.sum()
+    want = plain.rewards.numpy().copy()
+    want[[0, 1, 3, 4]] -= w[[0, 1, 3, 4]]
+    np.testing.assert_allclose(ranked.rewards.numpy(), want, rtol=1e-6)
+    assert ranked.rewards[2] == 1.0
+    with pytest.raises(GreamError, match="reward"):
+        draw_groups(model, prompts, targets, con, SRPOStepConfig(n=n, reward="rank"), seed=0)

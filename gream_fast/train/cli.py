@@ -27,14 +27,14 @@ def add_cli(subparsers) -> None:
 
     p.set_defaults(run=sft_main)
 
-    from gream_fast.train.srpo_loop import (CREDITS, HELP as SRPO_HELP, MODES, ROLLOUTS,
-                                            SRPOConfig)
+    from gream_fast.train.srpo_loop import (CREDITS, HELP as SRPO_HELP, MODES, REWARDS,
+                                            ROLLOUTS, SRPOConfig)
 
     q = stages.add_parser("srpo", help="SRPO reinforcement learning from an SFT'd model "
                                        "(METHOD.md section 5)")
     add_fields(q, SRPOConfig, required=("model", "data", "index", "out"),
                choices={"mode": MODES, "score": ("full", "sid"), "rollout": ROLLOUTS,
-                        "credit": CREDITS},
+                        "credit": CREDITS, "reward": REWARDS},
                help=SRPO_HELP)
 
     def srpo_main(args):

@@ -41,6 +41,22 @@ def sid_reward(pred_tokens, target_items, trie: PrefixTrie, eos_token_id: int | 
     return like(reward.astype(np.float32), pred_tokens), like(match, pred_tokens)
 
 
+def rank_rewards(exact, n: int):
+    """The ranking-aware term of beam groups (after MiniOneRec's ranking reward), [R] float32:
+    in a group of n responses ranked best first (beam order) that holds the target item, the
+    wrong item at rank i (1-based) loses w_i = (1 / log2(i + 1)) / sum_j 1 / log2(j + 1) (the
+    weights of the n ranks sum to 1), so the wrong items the policy ranks highest lose most;
+    the target and every response of a group without it get 0. exact: [R] bool, the
+    responses that name the target, groups of n contiguous."""
+    import torch
+
+    exact = torch.as_tensor(exact).view(-1, n)
+    w = 1.0 / torch.log2(torch.arange(2, n + 2, dtype=torch.float32))
+    w = w / w.sum()
+    hit = exact.any(1, keepdim=True)
+    return torch.where(hit & ~exact, -w, 0.0).flatten()
+
+
 def level_credit(lengths, ends, matches, exact):
     """Per-level credit of direct-mode responses: each token's own reward, [R, W] float32 (W the
     longest response; 0 past a response's end). SID token d (0-based) earns what the prefix up

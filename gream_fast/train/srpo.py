@@ -36,7 +36,7 @@ from gream_fast.train.group_pack import (group_attention_mode, pack_groups, resp
                                          split_groups)
 from gream_fast.train.loss import token_logprobs
 from gream_fast.train.rewards import (EXACT_REWARD, ThinkFormat, gated_sid_reward,
-                                      level_credit, sid_reward)
+                                      level_credit, rank_rewards, sid_reward)
 from gream_fast.train.srpo_loss import SRPOLossConfig, srpo_loss
 
 
@@ -52,6 +52,7 @@ class SRPOStepConfig:
     mode: str = "direct"  # responses: the SID ("direct"), or think, then answer ("reasoning")
     rollout: str = "sample"  # direct mode: n sampled SIDs, or the n best distinct by "beam"
     credit: str = "response"  # advantage per response, or per SID "level" (direct mode)
+    reward: str = "residual"  # + "rank": beam groups' ranking-aware term (train.rewards)
     think_budget: int = 512  # reasoning mode: free-text tokens before the marker is forced
     bf16: bool = False  # bfloat16 autocast for the log-prob passes (float32 master weights)
     token_budget: int = 0  # tokens per packed pass (0: each mini-batch in one pass)
@@ -120,6 +121,11 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
                                                     cfg.mode != "direct"):
         raise InvalidInputError(f"credit: expected 'response', or 'level' in direct mode; got "
                                 f"{cfg.credit!r} in {cfg.mode} mode")
+    if cfg.reward not in ("residual", "rank") or (cfg.reward == "rank" and (
+            cfg.rollout != "beam" or cfg.credit != "response")):
+        raise InvalidInputError(f"reward: expected 'residual', or 'rank' with beam rollouts and "
+                                f"per-response credit; got {cfg.reward!r} with {cfg.rollout} "
+                                f"rollouts and {cfg.credit} credit")
     with phase("gream.rollout"):
         if cfg.rollout == "beam":
             roll = _beam_rollouts(policy, prompts, constraint, cfg)
@@ -136,6 +142,8 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
     with phase("gream.reward"):
         if cfg.mode == "direct":
             reward, match = sid_reward(pred, tgt, trie, eos_token_id=constraint.eos_token_id)
+            if cfg.reward == "rank":  # beam order: each group's responses best first
+                reward = reward + rank_rewards(items == tgt, cfg.n)
             return pred, reward, match, torch.zeros(len(pred), dtype=torch.int64), items
         start = roll.sid_start.cpu()
         reward, match, _ = gated_sid_reward(pred, start, tgt, trie, constraint.eos_token_id,

@@ -59,6 +59,7 @@ STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
 ROLLOUTS = ("sample", "beam")
 CREDITS = ("response", "level")
+REWARDS = ("residual", "rank")
 # as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
 RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
              "index", "allow_index_mismatch", "token_budget", "gradient_checkpointing"}
@@ -87,6 +88,7 @@ class SRPOConfig:
     prompts: str = "all"
     rollout: str = "sample"
     credit: str = "response"
+    reward: str = "residual"
     max_history: int = 20
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -139,6 +141,8 @@ HELP = {
     "gradient_checkpointing": "recompute the policy's layer activations in the backward",
     "rollout": "direct mode's rollouts: sample (n SIDs sampled at --temperature) or beam "
                "(the n best distinct items by the trie-constrained beam search)",
+    "reward": "residual (METHOD.md), or residual + rank with --rollout beam: in a group that "
+              "holds the target, a wrong item loses more the higher the policy ranks it",
     "credit": "the advantage: per response (METHOD.md), or per SID level (direct mode: a "
               "token is credited for matching the target up to its level, so a wrong item's "
               "later tokens are not paid for its right cluster)",
@@ -183,6 +187,11 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
     if cfg.credit not in CREDITS or (cfg.credit == "level" and cfg.mode != "direct"):
         raise InvalidInputError(f"--credit: expected response, or level with --mode direct; got "
                                 f"{cfg.credit} with --mode {cfg.mode}")
+    if cfg.reward not in REWARDS or (cfg.reward == "rank" and (
+            cfg.rollout != "beam" or cfg.credit != "response")):
+        raise InvalidInputError(f"--reward: expected residual, or rank with --rollout beam and "
+                                f"--credit response; got {cfg.reward} with --rollout "
+                                f"{cfg.rollout} and --credit {cfg.credit}")
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
@@ -457,7 +466,7 @@ def _train(cfg: SRPOConfig, progress: bool, world, device) -> dict:
                               max_draws=cfg.max_draws, clip_grad=cfg.clip_grad,
                               loss=SRPOLossConfig(beta=cfg.beta), score=cfg.score,
                               mode=cfg.mode, think_budget=cfg.think_budget,
-                              rollout=cfg.rollout, credit=cfg.credit,
+                              rollout=cfg.rollout, credit=cfg.credit, reward=cfg.reward,
                               bf16=cfg.bf16 and device.type == "cuda",
                               token_budget=cfg.token_budget, mini_batches=cfg.mini_batches,
                               checkpointing=cfg.gradient_checkpointing)
