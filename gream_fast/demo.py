@@ -215,6 +215,11 @@ def _write_plots(run: Path) -> list:
     return ["sft_loss.svg", "srpo_reward.svg", "srpo_valid.svg"]
 
 
+def ranking_file(eval_dir: Path, stage: str, mode: str, split: str) -> Path:
+    """Where the demo keeps a model's per-user rankings: eval/STAGE/MODE/eval_SPLIT_rankings."""
+    return eval_dir / stage / mode / f"eval_{split}_rankings.jsonl"
+
+
 def _report_md(report: dict, plots: list) -> str:
     st = report["stages"]
     head = "| stage | mode | " + " | ".join(REPORT_KEYS) + " |"
@@ -247,8 +252,16 @@ def _report_md(report: dict, plots: list) -> str:
               f"The `srpo` rows are its best/ policy, {kept}: validation Recall@10 "
               f"{v['before']:.4f} (sft_curriculum) -> {v['after']:.4f} (srpo), {verdict}. "
               f"Test Recall@10 (direct): {st['sft_curriculum']['direct']['recall@10']:.4f} -> "
-              f"{st['srpo']['direct']['recall@10']:.4f}.", "",
-              "## Training curves", ""] + [f"![{p}]({p})" for p in plots]
+              f"{st['srpo']['direct']['recall@10']:.4f}.", ""]
+    lines += ["Paired on the same test users (srpo - sft_curriculum, per-user difference, "
+              "percentile-bootstrap 95% interval over users; an interval that holds 0 is no "
+              "evidence either way):", ""]
+    for mode, c in report["srpo_vs_sft_curriculum"].items():
+        for metric in ("recall@10", "ndcg@10"):
+            d = c["diff"][metric]
+            lines.append(f"- {mode}, {metric}: {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, "
+                         f"{d['ci95'][1]:+.4f}] over {c['users']} users")
+    lines += ["", "## Training curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage timings (seconds; '-' = reused from an earlier run)", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {'-' if t is None else f'{t:.1f}'} |" for k, t in report["timings"].items()]
@@ -372,23 +385,27 @@ def run(cfg: DemoConfig) -> dict:
         mine = [j for j in jobs if j[0] == name]
         paths = {j: eval_dir / f"{j[0]}-{j[1]}-{j[2]}.json" for j in mine}
 
-        def evaluate_model(name=name, mine=mine, paths=paths):
+        def done(j, paths=paths):  # the metrics and the per-user rankings behind them
+            return paths[j].exists() and ranking_file(eval_dir, *j).exists()
+
+        def evaluate_model(name=name, mine=mine, paths=paths, done=done):
             from gream_fast.eval.cli import load_model
             from gream_fast.eval.evaluate import evaluate
 
             model, tokenizer = load_model(models[name], cfg.device)
             for j in mine:
-                if paths[j].exists():
+                if done(j):
                     continue
                 users = cfg.eval_users if j[1] == "direct" else cfg.reasoning_users
                 print(f"[demo]   eval {name} {j[1]} on {j[2]} ({users or 'all'} users)",
                       flush=True)
                 m = evaluate(model, tokenizer, dataset, sem_index, mode=j[1], split=j[2], ks=KS,
                              num_beams=cfg.num_beams, max_users=users,
-                             think_budget=cfg.think_budget, seed=cfg.seed, progress=False)
+                             think_budget=cfg.think_budget, seed=cfg.seed, progress=False,
+                             out=ranking_file(eval_dir, *j).parent)
                 write_json(paths[j], m)
 
-        stage(f"eval.{name}", lambda paths=paths: all(p.exists() for p in paths.values()),
+        stage(f"eval.{name}", lambda mine=mine, done=done: all(done(j) for j in mine),
               evaluate_model)
         results.update({j: json.loads(p.read_text()) for j, p in paths.items()})
 
@@ -403,7 +420,14 @@ def run(cfg: DemoConfig) -> dict:
     sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": len(read_jsonl(sft_c))}
     valid = [m for m in _metrics(runs["srpo"] / "metrics.jsonl") if "valid_recall@10" in m]
     chosen = json.loads((runs["srpo"] / "best" / "best.json").read_text())
-    report = {"stages": stages,
+    # the paired comparison of SRPO with its start on the same test users (compare: the
+    # bootstrap interval of the per-user Recall@10 / NDCG@10 difference)
+    from gream_fast.eval.compare import compare
+
+    paired = {mode: compare([ranking_file(eval_dir, "srpo", mode, "test").parent],
+                            [ranking_file(eval_dir, "sft_curriculum", mode, "test").parent],
+                            k=10, splits=["test"], seed=cfg.seed) for mode in MODES}
+    report = {"stages": stages, "srpo_vs_sft_curriculum": paired,
               "srpo_validation": {
                   "metric": "recall@10", "mode": "direct", "users": cfg.eval_users or "all",
                   "before": valid[0]["valid_recall@10"],

@@ -35,7 +35,20 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
     assert 0.0 <= v["before"] <= v["after"] <= 1.0  # best/ never loses to the start
     assert [s for s, _ in v["curve"]] == [0, 1] and v["best_step"] in (0, 1)
     assert v["curve"][0][1] == v["before"] and dict(v["curve"])[v["best_step"]] == v["after"]
+    # every evaluated model keeps its per-user rankings; the report pairs srpo with its start
+    from gream_fast.demo import ranking_file
+
+    for name in MODEL_STAGES:
+        for mode in MODES:
+            assert ranking_file(out / "eval", name, mode, "test").is_file()
+    for mode in MODES:
+        c = report["srpo_vs_sft_curriculum"][mode]
+        d = c["diff"]["recall@10"]
+        assert c["users"] > 0 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        assert d["mean"] == pytest.approx(stages["srpo"][mode]["recall@10"]
+                                          - stages["sft_curriculum"][mode]["recall@10"])
     md = (out / "report.md").read_text()
+    assert "Paired on the same test users" in md
     for svg in ("sft_loss.svg", "srpo_reward.svg", "srpo_valid.svg"):
         assert (out / svg).read_text().startswith("<svg") and svg in md
     assert "popularity" in md and "srpo" in md
