@@ -198,38 +198,35 @@ def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed:
     the kept groups' responses in order."""
     want = cfg.groups or len(prompts)
     kept_p, kept_r, rewards, matches, starts, draws = [], [], [], [], [], 0
-    out = DrawnGroups([], [], torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
-                      0)
+    first, drawn, distinct = (0.0, 0.0, 0.0), 0, 0
     while len(kept_p) < want and draws < cfg.max_draws:
         if draws and more is not None:
             prompts, targets = more(draws)
         pred, reward, match, start, items = _rollout_rewards(
             policy, prompts, targets, constraint, cfg, seed + draws, tokenizer, fmt)
-        if not draws:
-            out.first_reward_sum = float(reward.double().sum())
-            out.first_exact = float((reward == 1.0).sum())
-            out.first_rollouts = float(len(reward))
+        if not draws:  # the rollouts as drawn, before any selection
+            first = (float(reward.double().sum()), float((reward == EXACT_REWARD).sum()),
+                     float(len(reward)))
         draws += 1
-        out.groups_drawn += len(prompts)
+        drawn += len(prompts)
         reward = reward.view(len(prompts), cfg.n)
         keep = (reward != reward[:, :1]).any(1)  # zero-variance groups are dropped
         for g in torch.nonzero(keep).flatten().tolist():
             if len(kept_p) == want:
                 break
-            rows = range(g * cfg.n, (g + 1) * cfg.n)
+            rows = slice(g * cfg.n, (g + 1) * cfg.n)
             kept_p.append(prompts[g])
-            kept_r.append([pred[r][pred[r] >= 0].tolist() for r in rows])
+            kept_r.append([t[t >= 0].tolist() for t in pred[rows]])
             rewards.append(reward[g])
-            matches.append(match.view(len(prompts), cfg.n)[g])
-            starts.append(start[g * cfg.n:(g + 1) * cfg.n])
-            named = items[g * cfg.n:(g + 1) * cfg.n]
-            out.distinct_items += float(named[named >= 0].unique().numel())
-    out.draws = draws
-    if kept_p:
-        out.prompts, out.responses = kept_p, kept_r
-        out.rewards, out.matches = torch.cat(rewards), torch.cat(matches)
-        out.sid_start = torch.cat(starts)
-    return out
+            matches.append(match[rows])
+            starts.append(start[rows])
+            named = items[rows]
+            distinct += named[named >= 0].unique().numel()
+    if not kept_p:
+        return DrawnGroups([], [], torch.zeros(0), torch.zeros(0),
+                           torch.zeros(0, dtype=torch.int64), draws, *first, drawn, distinct)
+    return DrawnGroups(kept_p, kept_r, torch.cat(rewards), torch.cat(matches), torch.cat(starts),
+                       draws, *first, drawn, distinct)
 
 
 def srpo_step(policy, ref_model, optimizer, prompts, targets, constraint,
