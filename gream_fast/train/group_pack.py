@@ -54,9 +54,9 @@ class GroupBatch:
         return ok[None, None]
 
 
-def pack_groups(prompts, responses, pad_id: int = 0) -> GroupBatch:
+def pack_groups(prompts, responses) -> GroupBatch:
     """prompts: G token-id lists; responses: G lists of response token-id lists (any number
-    per group, any lengths >= 1). pad_id is unused (nothing is padded); kept for callers."""
+    per group, any lengths >= 1)."""
     if len(prompts) != len(responses) or not prompts:
         raise InvalidInputError(f"pack_groups: {len(prompts)} prompts but {len(responses)} "
                                 "response groups (expected the same, at least one)")
