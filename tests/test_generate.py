@@ -83,6 +83,31 @@ def test_runner_matches_hf_forward(family):
                                        atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_runner_follows_weight_updates(family):
+    """The runner's fused q/k/v and gate/up weights are copies: an optimizer step (in place)
+    and a load_state_dict must both reach its next prefill and decode."""
+    model = tiny(family)
+    runner = DecoderRunner(model)
+    prompts = random_prompts(3, seed=4)
+    runner.prefill(prompts, 1, suffix_capacity=2)  # builds the fused copies
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.tensor([prompts[0]])).logits.square().mean().backward()
+    opt.step()
+    other = tiny(family, seed=9).state_dict()
+    for update in ("step", "load"):
+        if update == "load":
+            model.load_state_dict(other)
+        with torch.no_grad():
+            hidden, state = runner.prefill(prompts, 1, suffix_capacity=2)
+            torch.testing.assert_close(runner.logits(hidden), hf_last_logits(model, prompts),
+                                       atol=1e-5, rtol=1e-5)
+            tokens = torch.tensor([5, 6, 7])
+            seqs = [p + [t] for p, t in zip(prompts, tokens.tolist())]
+            torch.testing.assert_close(runner.logits(runner.decode(tokens, state)),
+                                       hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+
+
 def test_static_decode_updates_buffers_in_place_through_reorder_and_select():
     # The decode step reads and advances only buffers sized at prefill (what a CUDA graph
     # needs): after reorder, select (rows of prompt 1 all leave, prompt 0 keeps 2 of 3) and

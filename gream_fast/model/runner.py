@@ -170,6 +170,68 @@ def varlen_causal_attention(q, k, v, cu, max_len: int, scale: float):
     return o.transpose(1, 2)[valid]
 
 
+def rms_norm(norm, x):
+    """norm(x) for the RMSNorm of Qwen3 / Qwen2 / Llama as one fused op (7 elementwise ops in
+    HF's module): the same math, float32 statistics and the weight applied after the cast
+    back, as HF does it for half-precision inputs."""
+    w = norm.weight
+    if x.dtype == w.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
+    return w * F.rms_norm(x.float(), w.shape, eps=norm.variance_epsilon).to(x.dtype)
+
+
+class FusedProjections:
+    """One decoder layer's q / k / v projections as one GEMM and gate / up as another (5 HF
+    modules, 5 GEMMs, become 2: a decode step of a small model is bound by per-op cost).
+    The concatenated weights are copies: refresh() rebuilds them in place (same storage, so a
+    captured CUDA graph stays valid) when a source parameter changed since, i.e. its version
+    counter moved (an optimizer step, load_state_dict, any in-place write) or it was
+    replaced."""
+
+    def __init__(self, layer):
+        a, mlp = layer.self_attn, layer.mlp
+        self._qkv = [a.q_proj, a.k_proj, a.v_proj]
+        self._gate_up = [mlp.gate_proj, mlp.up_proj]
+        self._seen = None
+        self.refresh()
+
+    def _sources(self):
+        return [t for m in self._qkv + self._gate_up for t in (m.weight, m.bias) if t is not None]
+
+    def refresh(self) -> None:
+        seen = [(t.data_ptr(), t._version) for t in self._sources()]
+        if seen == self._seen:
+            return
+        # ordinary tensors even when called under inference_mode: refreshed in place later
+        with torch.inference_mode(False), torch.no_grad():
+            self.w_qkv, self.b_qkv = self._cat(self._qkv, "w_qkv", "b_qkv")
+            self.w_gate_up, self.b_gate_up = self._cat(self._gate_up, "w_gate_up", "b_gate_up")
+        self._seen = seen
+
+    def _cat(self, mods, w_name, b_name):
+        out = []
+        for name, parts in ((w_name, [m.weight for m in mods]),
+                            (b_name, [m.bias for m in mods] if mods[0].bias is not None else None)):
+            if parts is None:
+                out.append(None)
+                continue
+            buf = getattr(self, name, None)
+            size = sum(p.shape[0] for p in parts)
+            if (buf is None or buf.shape[0] != size or buf.dtype != parts[0].dtype
+                    or buf.device != parts[0].device):
+                buf = torch.empty((size, *parts[0].shape[1:]), dtype=parts[0].dtype,
+                                  device=parts[0].device)
+            torch.cat([p.detach() for p in parts], out=buf)
+            out.append(buf)
+        return out
+
+    def qkv(self, h):
+        return F.linear(h, self.w_qkv, self.b_qkv)
+
+    def gate_up(self, h):
+        return F.linear(h, self.w_gate_up, self.b_gate_up)
+
+
 class DecoderRunner:
     """Prefill + shared-prefix decode for a Qwen3/Qwen2/Llama HF model (weights shared, not
     copied)."""
@@ -195,6 +257,8 @@ class DecoderRunner:
         self.lm_head = model.get_output_embeddings()
         # replay each decode step from a CUDA graph (per state and row count); CUDA only
         self.cuda_graphs = cuda_graphs
+        self._fused = {}  # id(layer) -> FusedProjections
+        self._qkv_split = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
 
     @property
     def device(self):
@@ -211,19 +275,29 @@ class DecoderRunner:
     def _qkv(self, layer, h, cos, sin):
         a = layer.self_attn
         t = h.shape[0]
-        q = a.q_proj(h).view(t, self.num_heads, self.head_dim)
-        k = a.k_proj(h).view(t, self.num_kv_heads, self.head_dim)
-        v = a.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.fused(layer).qkv(h).split(self._qkv_split, -1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = a.q_norm(q), a.k_norm(k)
+            q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _block(self, layer, x, attend):
-        """One decoder layer; attend(layer_index, q, k, v) -> attention output [T, Hq, D]."""
-        h = layer.input_layernorm(x)
-        o = attend(h)
+        """One decoder layer; attend(h) -> attention output [T, Hq, D]."""
+        o = attend(rms_norm(layer.input_layernorm, x))
         x = x + layer.self_attn.o_proj(o.reshape(x.shape[0], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = rms_norm(layer.post_attention_layernorm, x)
+        gate, up = self.fused(layer).gate_up(h).chunk(2, -1)
+        return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+
+    def fused(self, layer) -> "FusedProjections":
+        """The layer's concatenated projections, refreshed where the weights changed."""
+        f = self._fused.get(id(layer))
+        if f is None:
+            f = self._fused[id(layer)] = FusedProjections(layer)
+        f.refresh()
+        return f
 
     @torch.no_grad()
     def prefill(self, prompts, rows_per_prompt, suffix_capacity: int):
@@ -247,7 +321,7 @@ class DecoderRunner:
                 pv.append(v)
                 return varlen_causal_attention(q, k, v, cu, max_len, self.scale)
             x = self._block(layer, x, attend)
-        last = self.norm(x[cu[1:].long() - 1])
+        last = rms_norm(self.norm, x[cu[1:].long() - 1])
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
         _, row_prompt = group_rows(counts)
         shape = (len(self.layers), len(row_prompt), suffix_capacity, self.num_kv_heads,
@@ -303,7 +377,7 @@ class DecoderRunner:
                                                state.suffix_k[i, :n, :s], state.suffix_v[i, :n, :s],
                                                lens, self.scale, check=False, cpu_plan=plan)
             x = self._block(layer, x, attend)
-        return self.norm(x)
+        return rms_norm(self.norm, x)
 
     def _graph_step(self, state: KVState, n: int) -> torch.Tensor:
         """_step replayed from a CUDA graph captured the first time the state runs n rows. That
