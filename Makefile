@@ -10,12 +10,14 @@ PIP    := $(PY) -m pip install --no-compile --disable-pip-version-check -q
 # vLLM generations whose logits-processor interfaces integrations/vllm.py implements (V1, V2)
 VLLM_VERSIONS := 0.24.0 0.34.0
 
-$(VENV)/.stack: requirements-cpu.txt requirements-integrations.txt constraints-cpu.txt
+$(VENV)/.stack: requirements-cpu.txt requirements-integrations.txt requirements-serve.txt \
+               constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) torch==$$(sed -n 's/^torch==//p' requirements-cpu.txt)
-	$(PIP) -r requirements-cpu.txt -r requirements-integrations.txt -c constraints-cpu.txt
+	$(PIP) -r requirements-cpu.txt -r requirements-integrations.txt -r requirements-serve.txt \
+	  -c constraints-cpu.txt
 	# the MovieLens-100K files ship inside recbole, whose own dependencies are not needed; verl's
 	# are in requirements-integrations.txt (its transformers<5.11 pin is not)
 	$(PIP) --no-deps recbole==1.2.1 verl==0.9.1

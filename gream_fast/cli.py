@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gream_fast.demo import add_cli as add_demo
 
     add_demo(stages)  # demo
+    from gream_fast.serve.cli import add_cli as add_serve
+
+    add_serve(stages)  # serve, bench-serve
     return parser
 
 

@@ -12,8 +12,8 @@ from gream_fast import InvalidInputError
 from gream_fast.cli import main
 from gream_fast.eval import evaluate, recall_ndcg
 from gream_fast.files import read_jsonl
-from gream_fast.index import SemanticIndex, add_sid_tokens
-from tiny_data import K, make_data_and_index
+from gream_fast.index import SemanticIndex
+from tiny_data import K, make_data_and_index, make_tiny_model
 
 # -- metrics ----------------------------------------------------------------------------------
 
@@ -85,46 +85,11 @@ def test_metric_errors():
 BEAMS = 4
 
 
-def train_tokenizer():
-    """A ByteLevel BPE trained offline on the prompts' words, Qwen-like special tokens (EOS
-    <|endoftext|> differs from the end-of-turn <|im_end|>), no chat template (ChatML is used)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from gream_fast.tasks.templates import SYSTEM_PROMPT, TEMPLATES
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [SYSTEM_PROMPT, "user\n", "assistant\n", "system\n"] + [
-        t.prompt for t in TEMPLATES["seqrec"]] * 5
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
     root = tmp_path_factory.mktemp("eval")
     data, index = make_data_and_index(root, users=40)
-
-    tokenizer = train_tokenizer()
-    tokenizer.save_pretrained(root / "plain")  # no SID tokens: for the error case
-    add_sid_tokens(tokenizer, index=index)
-    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
-                      initializer_range=0.15, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    model.save_pretrained(root / "plain")
+    model, tokenizer = make_tiny_model(root, index)
     return root, data, index, model, tokenizer
 
 

@@ -258,6 +258,7 @@ class DecoderRunner:
         # replay each decode step from a CUDA graph (per state and row count); CUDA only
         self.cuda_graphs = cuda_graphs
         self._fused = {}  # id(layer) -> FusedProjections
+        self.graph_captures = 0  # CUDA graphs captured so far (a server's metric)
         self._qkv_split = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
 
     @property
@@ -393,6 +394,7 @@ class DecoderRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 static_out = self._step(state, n)
+            self.graph_captures += 1
             state.graphs[n] = (graph, static_out)
             return out
         graph, static_out = state.graphs[n]

@@ -1,0 +1,254 @@
+"""The HTTP side: an ASGI app (Starlette) over the engine, and `serve()`, which runs it with
+uvicorn until SIGTERM / SIGINT and then drains.
+
+Endpoints: POST /v1/recommend, POST /v1/recommend/batch, GET /health (liveness), GET /ready
+(503 with reasons while loading, warming up, draining or full), GET /v1/info, GET /metrics.
+Every error is JSON {"error": {"code", "message", "field", "retryable"}} with its status."""
+import asyncio
+import gc
+import json
+import platform
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict
+
+from gream_fast.serve.engine import Engine
+from gream_fast.serve.protocol import ServeError, decode_json, parse_batch, parse_request
+
+
+def _json(body, status: int = 200, headers=None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(body, separators=(",", ":")), status, headers,
+                    media_type="application/json")
+
+
+def error_response(e: ServeError):
+    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else None
+    return _json(e.body(), e.status, headers)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServeError(400, "invalid_request", "Content-Length: expected a byte count")
+        if int(declared) > limit:
+            raise ServeError(413, "body_too_large", f"the body has {declared} bytes, at most "
+                                                    f"{limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServeError(413, "body_too_large", f"the body passed {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_for(job) -> object:
+    """The job's Answer, or a 504 once its deadline passes (the job is then dropped)."""
+    fut = asyncio.wrap_future(job.future)
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), max(job.deadline - time.monotonic(), 0))
+    except asyncio.TimeoutError:
+        job.cancel()
+        raise ServeError(504, "deadline_exceeded", f"no answer within timeout_ms "
+                                                   f"({job.request.timeout_ms})",
+                         retryable=True) from None
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import gream_fast
+
+    return {"gream_fast": getattr(gream_fast, "__version__", "0.1.0"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
+              config: dict | None = None, lifespan=None):
+    """The ASGI app. `limits`: protocol.Limits; `config`: what /v1/info reports."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    def answer_json(req, ans, t0):
+        items, seen, invalid = [], set(), 0
+        for item, score in zip(ans.items, ans.scores):
+            real = 0 <= item < limits.num_items and item not in seen
+            invalid += not real
+            seen.add(item)
+            entry = {"item": item, "score": score, "sid": backend.sids[item] if real else None}
+            if backend.titles is not None:
+                entry["title"] = backend.titles[item] if real else None
+            items.append(entry)
+        metrics.items_returned.inc(len(items))
+        if invalid:
+            metrics.invalid_items.inc(invalid)
+        return {"request_id": req.request_id, "items": items, "mode": req.mode,
+                "num_beams": req.num_beams, "score": req.score,
+                "history_used": len(req.history), "history_dropped": req.dropped,
+                "timing": {"queue_ms": round(ans.queue_s * 1e3, 3),
+                           "compute_ms": round(ans.compute_s * 1e3, 3),
+                           "total_ms": round((time.monotonic() - t0) * 1e3, 3),
+                           "batch_size": ans.batch_size, "batch_rows": ans.batch_rows},
+                "index": {"fingerprint": backend.fingerprint, "num_items": limits.num_items}}
+
+    def counted(endpoint):
+        def wrap(handler):
+            async def run(request):
+                t0 = time.monotonic()
+                try:
+                    response = await handler(request, t0)
+                except ServeError as e:
+                    response = error_response(e)
+                except ClientDisconnect:  # nobody to answer
+                    response = Response(status_code=499)
+                metrics.requests.labels(endpoint, str(response.status_code)).inc()
+                metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
+                return response
+            return run
+        return wrap
+
+    @counted("recommend")
+    async def recommend(request, t0):
+        req = parse_request(decode_json(await read_body(request, max_body_bytes)), limits)
+        ans = await wait_for(engine.submit(req))
+        return _json(answer_json(req, ans, t0))
+
+    @counted("recommend_batch")
+    async def recommend_batch(request, t0):
+        reqs = parse_batch(decode_json(await read_body(request, max_body_bytes)), limits)
+        jobs = engine.submit_all(reqs)
+        out = []
+        for req, res in zip(reqs, await asyncio.gather(*(wait_for(j) for j in jobs),
+                                                        return_exceptions=True)):
+            if isinstance(res, ServeError):
+                out.append({"request_id": req.request_id, **res.body()})
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                out.append(answer_json(req, res, t0))
+        return _json({"responses": out})
+
+    @counted("health")
+    async def health(request, t0):
+        ok = engine.state != "failed"
+        return _json({"status": "ok" if ok else "failed", "state": engine.state},
+                     200 if ok else 503)
+
+    @counted("ready")
+    async def ready(request, t0):
+        reasons = engine.not_ready()
+        return _json({"ready": not reasons, "reasons": reasons}, 503 if reasons else 200)
+
+    @counted("info")
+    async def info(request, t0):
+        return _json({"state": engine.state, "config": config or {}, "versions": versions(),
+                      "device": backend.device,
+                      "index": {"fingerprint": getattr(backend, "fingerprint", None),
+                                "num_items": limits.num_items},
+                      "limits": asdict(limits) | {"allowed_beams": list(limits.allowed_beams)},
+                      "engine": asdict(engine.limits)})
+
+    async def prometheus(request):
+        metrics.queue_depth.set(engine.queue_depth)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    async def http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _json(ServeError(exc.status_code, code, f"{request.method} {request.url.path}: "
+                                f"{exc.detail}").body(), exc.status_code)
+
+    async def internal_error(request, exc):
+        return _json(ServeError(500, "internal", f"{type(exc).__name__}: {exc}").body(), 500)
+
+    routes = [Route("/v1/recommend", recommend, methods=["POST"]),
+              Route("/v1/recommend/batch", recommend_batch, methods=["POST"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/ready", ready, methods=["GET"]),
+              Route("/v1/info", info, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: internal_error})
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), bound before the model loads so that the
+    URL is known and /health answers while loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def make_server(engine: Engine, app, grace_s: float, log=print):
+    """A uvicorn server for `app` whose SIGTERM / SIGINT drain first: stop accepting, let the
+    requests in flight finish (grace_s at most), then drain the engine (the lifespan's end).
+    It stops by itself if the engine fails to load."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                log(f"gream-fast serve: draining (signal {sig}; up to {grace_s:g} s)")
+            engine.drain()
+            super().handle_exit(sig, frame)
+            # a drained SIGTERM is a clean exit: uvicorn would re-raise it after the shutdown
+            self._captured_signals = [s for s in self._captured_signals
+                                      if s != signal.SIGTERM]
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=grace_s)
+    server = Server(config)
+
+    def failed(exc):
+        server.should_exit = True
+
+    engine.on_fail = failed
+    return server
+
+
+def run_server(engine: Engine, app, sock: socket.socket, grace_s: float, log=print) -> None:
+    """Serve `app` on `sock` until a signal (make_server); raises the engine's load error if
+    it failed to start."""
+    make_server(engine, app, grace_s, log).run(sockets=[sock])
+    if engine.error is not None:
+        raise engine.error
+
+
+def serving_lifespan(engine: Engine, grace_s: float, url: str, log=print):
+    """Starlette lifespan: the engine starts with the server (loading, warm-up, then ready:
+    gc.freeze() so that the collector never walks the model's objects again) and drains when
+    it stops."""
+    import contextlib
+
+    def on_ready():
+        gc.collect()
+        gc.freeze()
+        log(f"gream-fast serve: ready at {url}")
+        sys.stdout.flush()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.on_ready = on_ready
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, grace_s)
+
+    return lifespan
