@@ -103,6 +103,17 @@ class Gate:
         return self.backend.run(histories, *args)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_kernels():
+    """The server as users run it on a CPU: the kernels' torch references, not Triton's
+    interpreter (the kernels are tested against those references in their own tests)."""
+    from gream_fast.kernels import _backend
+
+    before, _backend.INTERPRET = _backend.INTERPRET, False
+    yield
+    _backend.INTERPRET = before
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
