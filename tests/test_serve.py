@@ -2,6 +2,7 @@
 validation (every error row of the API), waves that batch, answers equal to offline
 recommend(), metrics that add up, 429 under a flood with no accepted request lost, deadlines,
 hostile bodies, a SIGTERM that drains, and bench-serve's checks."""
+import contextlib
 import http.client
 import json
 import os
@@ -102,6 +103,17 @@ class Gate:
         assert self.open.wait(30)
         return self.backend.run(histories, *args)
 
+    @contextlib.contextmanager
+    def held(self):
+        """Closed for the block (the next wave waits inside run()); open again after it, even
+        when an assertion fails."""
+        self.open.clear()
+        self.inside.clear()
+        try:
+            yield
+        finally:
+            self.open.set()
+
 
 @pytest.fixture(scope="module", autouse=True)
 def torch_kernels():
@@ -201,9 +213,9 @@ def test_waves_batch_concurrent_requests_and_metrics_add_up(live):
     waves_before = metric(url, "gream_batch_size_count")
     prompts_before = metric(url, "gream_batch_size_sum")
     items_before = metric(url, "gream_items_returned_total")
-    gate.open.clear()  # hold the engine in a first wave while six more requests queue
-    gate.inside.clear()
-    with ThreadPoolExecutor(8) as pool:
+    recs_before = metric(url, "gream_recommendations_total", status="200")
+    # hold the engine in a first wave while six more requests queue
+    with gate.held(), ThreadPoolExecutor(8) as pool:
         first = pool.submit(call, url, "POST", "/v1/recommend", {"history": [1]})
         assert gate.inside.wait(30)
         rest = [pool.submit(call, url, "POST", "/v1/recommend",
@@ -227,16 +239,15 @@ def test_waves_batch_concurrent_requests_and_metrics_add_up(live):
     assert metric(url, "gream_batch_size_count") == waves_before + 2
     assert metric(url, "gream_batch_size_sum") == prompts_before + 7
     assert metric(url, "gream_items_returned_total") == items_before + 4 + 6 * 2
+    assert metric(url, "gream_recommendations_total", status="200") == recs_before + 7
     assert metric(url, "gream_invalid_items_total") == 0
     assert metric(url, "gream_queue_depth") == 0
 
 
 def test_flood_gets_429_and_loses_no_accepted_request(live):
     url, engine, gate = live
-    gate.open.clear()
-    gate.inside.clear()
     n = 20  # max_queue is 8: one running, eight waiting, the rest refused
-    with ThreadPoolExecutor(n) as pool:
+    with gate.held(), ThreadPoolExecutor(n) as pool:
         first = pool.submit(call, url, "POST", "/v1/recommend", {"history": [2]})
         assert gate.inside.wait(30)
         flood = [pool.submit(call, url, "POST", "/v1/recommend", {"history": [i % 14]})
@@ -262,9 +273,7 @@ def test_flood_gets_429_and_loses_no_accepted_request(live):
 
 def test_deadline_passes_504(live):
     url, engine, gate = live
-    gate.open.clear()
-    gate.inside.clear()
-    with ThreadPoolExecutor(2) as pool:
+    with gate.held(), ThreadPoolExecutor(2) as pool:
         first = pool.submit(call, url, "POST", "/v1/recommend", {"history": [3]})
         assert gate.inside.wait(30)
         late = call(url, "POST", "/v1/recommend", {"history": [4], "timeout_ms": 50})
@@ -289,6 +298,10 @@ def test_hostile_bodies_get_4xx_and_the_server_keeps_serving(live):
     for (status, body, _), want in cases:
         assert status == want, body
         assert set(body["error"]) == {"code", "message", "field", "retryable"}
+    assert cases[4][0][2].getheader("Allow") == "POST"
+    # Starlette's own answers are counted too
+    assert metric(url, "gream_requests_total", endpoint="other", status="404") >= 1
+    assert metric(url, "gream_requests_total", endpoint="recommend", status="405") >= 1
     # a chunked body that streams past the limit: no Content-Length to refuse it early
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
@@ -378,3 +391,118 @@ def test_bad_setup_is_an_error_not_a_traceback(assets, tmp_path, capsys):
     assert "--max-batch-rows: 100 cannot hold one request of 2000 beams" in \
         capsys.readouterr().err
     assert main(["serve", "--model", str(root / "model"), "--index", str(tmp_path / "none")]) == 2
+
+
+# -- the engine alone, on a stand-in backend (the engine's logic; the model's is above) ---------
+class Echo:
+    """A backend whose answer for a history is its items reversed, padded: deterministic and
+    checkable. It can fail, or block until released."""
+
+    def __init__(self, fail_load=False):
+        self.fail_load, self.waves = fail_load, []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_next = False
+
+    def load(self):
+        if self.fail_load:
+            raise OSError("no such model")
+
+    def warmup(self):
+        pass
+
+    def run(self, histories, mode, beams, score):
+        import numpy as np
+
+        self.waves.append((len(histories), mode, beams, score))
+        assert self.release.wait(30)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        items = np.array([(h[::-1] * beams)[:beams] for h in histories])
+        return items, -np.arange(beams, dtype=float)[None].repeat(len(histories), 0)
+
+
+def echo_engine(backend=None, on_fail=None, **limits):
+    from gream_fast.serve.engine import Engine, EngineLimits
+    from gream_fast.serve.metrics import Metrics
+
+    engine = Engine(backend or Echo(), EngineLimits(**{"max_wait_ms": 20, **limits}), Metrics(),
+                    on_fail=on_fail)
+    engine.start()
+    deadline = time.monotonic() + 10
+    while engine.state not in ("ready", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return engine
+
+
+def req(history, beams=4, mode="direct", top_k=None, timeout_ms=5000):
+    return parse_request({"history": history, "num_beams": beams, "mode": mode,
+                          "top_k": top_k or beams, "timeout_ms": timeout_ms},
+                         Limits(100, 4, (2, 4, 8), 20, 100, 4, 5000, 10000))
+
+
+def test_engine_waves_group_by_key_and_respect_the_limits():
+    backend = Echo()
+    engine = echo_engine(backend, max_batch_size=3, max_batch_rows=16, max_queue=32)
+    backend.release.clear()
+    first = engine.submit(req([1]))
+    while not backend.waves:
+        time.sleep(0.005)
+    jobs = [engine.submit(req([i, i + 1], beams=b, mode=m))
+            for i, (b, m) in enumerate([(4, "direct"), (2, "direct"), (4, "direct"),
+                                        (4, "reasoning"), (4, "direct"), (4, "direct"),
+                                        (8, "direct"), (8, "direct"), (8, "direct")])]
+    backend.release.set()
+    answers = [j.future.result(10) for j in [first] + jobs]
+    assert answers[1].items == [1, 0, 1, 0]  # each history's own answer
+    assert answers[5].items == [5, 4, 5, 4] and answers[5].scores == [0.0, -1.0, -2.0, -3.0]
+    # the oldest's key first, then by age: 3 prompts of 4 beams (max_batch_size), the fourth
+    # next; 8 beams: 2 rows of 8 fill max_batch_rows=16
+    assert backend.waves[1:] == [(3, "direct", 4, "full"), (1, "direct", 2, "full"),
+                                 (1, "reasoning", 4, "full"), (1, "direct", 4, "full"),
+                                 (2, "direct", 8, "full"), (1, "direct", 8, "full")]
+    assert engine.stop(5)
+
+
+def test_engine_drains_fails_a_wave_and_reports_a_failed_load():
+    backend = Echo()
+    engine = echo_engine(backend, max_queue=4)
+    backend.fail_next = True
+    with pytest.raises(ServeError) as e:
+        engine.submit(req([1])).future.result(10)
+    assert e.value.status == 500 and "boom" in e.value.message
+    assert engine.submit(req([2])).future.result(10).items[0] == 2  # the engine lives on
+    backend.release.clear()
+    running = engine.submit(req([3]))
+    while len(backend.waves) < 3:
+        time.sleep(0.005)
+    queued = engine.submit(req([4]))
+    engine.drain()
+    with pytest.raises(ServeError) as e:
+        engine.submit(req([5]))
+    assert e.value.status == 503 and e.value.retryable
+    backend.release.set()
+    assert engine.stop(5)  # everything accepted was answered
+    assert running.future.result(1).items[0] == 3 and queued.future.result(1).items[0] == 4
+
+    backend = Echo()  # past the grace period what is still queued gets 503, not silence
+    engine = echo_engine(backend)
+    backend.release.clear()
+    running = engine.submit(req([1]))
+    while not backend.waves:
+        time.sleep(0.005)
+    queued = engine.submit(req([2]))
+    assert engine.stop(0.2) is False
+    with pytest.raises(ServeError, match="shut down"):
+        queued.future.result(1)
+    backend.release.set()
+    assert running.future.result(10).items[0] == 1
+
+    failed = []  # a load error: the engine says so (the server exits with it)
+    engine = echo_engine(Echo(fail_load=True), on_fail=failed.append)
+    assert engine.state == "failed" and isinstance(engine.error, OSError) and failed
+    with pytest.raises(ServeError) as e:
+        engine.submit(req([1]))
+    assert e.value.status == 503

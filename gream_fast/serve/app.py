@@ -11,6 +11,7 @@ import platform
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -18,10 +19,15 @@ from gream_fast.serve.engine import Engine
 from gream_fast.serve.protocol import ServeError, decode_json, parse_batch, parse_request
 
 
+ENDPOINTS = {"/v1/recommend": "recommend", "/v1/recommend/batch": "recommend_batch",
+             "/health": "health", "/ready": "ready", "/v1/info": "info", "/metrics": "metrics"}
+
+
 def _json(body, status: int = 200, headers=None):
     from starlette.responses import Response
 
-    return Response(json.dumps(body, separators=(",", ":")), status, headers,
+    # allow_nan=False: a non-finite score is a bug to report (500), never invalid JSON
+    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status, headers,
                     media_type="application/json")
 
 
@@ -34,7 +40,7 @@ async def read_body(request, limit: int) -> bytes:
     """The body, refused with 413 once it passes `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ServeError(400, "invalid_request", "Content-Length: expected a byte count")
         if int(declared) > limit:
             raise ServeError(413, "body_too_large", f"the body has {declared} bytes, at most "
@@ -49,7 +55,8 @@ async def read_body(request, limit: int) -> bytes:
 
 
 async def wait_for(job) -> object:
-    """The job's Answer, or a 504 once its deadline passes (the job is then dropped)."""
+    """The job's Answer (or its ServeError), or a 504 once its deadline passes (the job is
+    then cancelled: it leaves the queue, or its answer is dropped if it is running)."""
     fut = asyncio.wrap_future(job.future)
     try:
         return await asyncio.wait_for(asyncio.shield(fut), max(job.deadline - time.monotonic(), 0))
@@ -58,6 +65,34 @@ async def wait_for(job) -> object:
         raise ServeError(504, "deadline_exceeded", f"no answer within timeout_ms "
                                                    f"({job.request.timeout_ms})",
                          retryable=True) from None
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP request counted by endpoint and status and timed, whatever
+    answered it (our handlers, Starlette's 404 / 405, the 500 handler, a cancelled task)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.monotonic(), [499]  # 499 unless a response starts
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:  # the 500 handler outside answers it
+            if status[0] == 499:
+                status[0] = 500
+            raise
+        finally:
+            endpoint = ENDPOINTS.get(scope["path"], "other")
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
 
 
 def versions() -> dict:
@@ -101,55 +136,66 @@ def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
                            "batch_size": ans.batch_size, "batch_rows": ans.batch_rows},
                 "index": {"fingerprint": backend.fingerprint, "num_items": limits.num_items}}
 
-    def counted(endpoint):
-        def wrap(handler):
-            async def run(request):
-                t0 = time.monotonic()
-                try:
-                    response = await handler(request, t0)
-                except ServeError as e:
-                    response = error_response(e)
-                except ClientDisconnect:  # nobody to answer
-                    response = Response(status_code=499)
-                metrics.requests.labels(endpoint, str(response.status_code)).inc()
-                metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
-                return response
-            return run
-        return wrap
+    def answering(handler):
+        """A handler's ServeErrors become their JSON answers."""
+        async def run(request):
+            t0 = time.monotonic()
+            try:
+                return await handler(request, t0)
+            except ServeError as e:
+                return error_response(e)
+            except ClientDisconnect:  # nobody to answer
+                return Response(status_code=499)
+        return run
 
-    @counted("recommend")
+    def outcome(status) -> None:
+        metrics.recommendations.labels(str(status)).inc()
+
+    @answering
     async def recommend(request, t0):
         req = parse_request(decode_json(await read_body(request, max_body_bytes)), limits)
-        ans = await wait_for(engine.submit(req))
+        try:
+            ans = await wait_for(engine.submit(req))
+        except ServeError as e:
+            outcome(e.status)
+            raise
+        outcome(200)
         return _json(answer_json(req, ans, t0))
 
-    @counted("recommend_batch")
+    @answering
     async def recommend_batch(request, t0):
         reqs = parse_batch(decode_json(await read_body(request, max_body_bytes)), limits)
-        jobs = engine.submit_all(reqs)
+        try:
+            jobs = engine.submit_all(reqs)
+        except ServeError as e:
+            for _ in reqs:
+                outcome(e.status)
+            raise
         out = []
         for req, res in zip(reqs, await asyncio.gather(*(wait_for(j) for j in jobs),
                                                         return_exceptions=True)):
             if isinstance(res, ServeError):
+                outcome(res.status)
                 out.append({"request_id": req.request_id, **res.body()})
             elif isinstance(res, BaseException):
                 raise res
             else:
+                outcome(200)
                 out.append(answer_json(req, res, t0))
         return _json({"responses": out})
 
-    @counted("health")
+    @answering
     async def health(request, t0):
         ok = engine.state != "failed"
         return _json({"status": "ok" if ok else "failed", "state": engine.state},
                      200 if ok else 503)
 
-    @counted("ready")
+    @answering
     async def ready(request, t0):
         reasons = engine.not_ready()
         return _json({"ready": not reasons, "reasons": reasons}, 503 if reasons else 200)
 
-    @counted("info")
+    @answering
     async def info(request, t0):
         return _json({"state": engine.state, "config": config or {}, "versions": versions(),
                       "device": backend.device,
@@ -159,13 +205,12 @@ def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
                       "engine": asdict(engine.limits)})
 
     async def prometheus(request):
-        metrics.queue_depth.set(engine.queue_depth)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     async def http_error(request, exc):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _json(ServeError(exc.status_code, code, f"{request.method} {request.url.path}: "
-                                f"{exc.detail}").body(), exc.status_code)
+                                f"{exc.detail}").body(), exc.status_code, exc.headers)
 
     async def internal_error(request, exc):
         return _json(ServeError(500, "internal", f"{type(exc).__name__}: {exc}").body(), 500)
@@ -176,7 +221,10 @@ def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
               Route("/ready", ready, methods=["GET"]),
               Route("/v1/info", info, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
+    from starlette.middleware import Middleware
+
     return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(CountRequests, metrics=metrics)],
                      exception_handlers={HTTPException: http_error, Exception: internal_error})
 
 
@@ -207,14 +255,18 @@ def make_server(engine: Engine, app, grace_s: float, log=print):
         def handle_exit(self, sig, frame):
             if not self.should_exit:
                 log(f"gream-fast serve: draining (signal {sig}; up to {grace_s:g} s)")
+                # the engine finishes (or, past the grace, answers 503) what it accepted while
+                # the handlers still wait: their answers go out before uvicorn closes them
+                threading.Thread(target=engine.stop, args=(grace_s,), daemon=True).start()
             engine.drain()
             super().handle_exit(sig, frame)
             # a drained SIGTERM is a clean exit: uvicorn would re-raise it after the shutdown
             self._captured_signals = [s for s in self._captured_signals
                                       if s != signal.SIGTERM]
 
+    # uvicorn's own grace comes after the engine's: by then every handler has its answer
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=grace_s)
+                            timeout_graceful_shutdown=grace_s + 5)
     server = Server(config)
 
     def failed(exc):

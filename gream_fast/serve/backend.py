@@ -23,9 +23,10 @@ class BackendConfig:
 class RecommenderBackend:
     """load() reads everything (errors name the flag and file); run() ranks a wave."""
 
-    def __init__(self, cfg: BackendConfig):
+    def __init__(self, cfg: BackendConfig, index=None):
         self.cfg = cfg
-        self.index = self.titles = self.model = None
+        self.index = index  # the SemanticIndex when already loaded (else from cfg.index)
+        self.titles = self.model = self.runner = None
 
     def load(self) -> None:
         from gream_fast.data.dataset import Dataset
@@ -37,7 +38,7 @@ class RecommenderBackend:
         from gream_fast.tasks.context import load_index
 
         cfg = self.cfg
-        index = load_index(cfg.index)
+        index = self.index if self.index is not None else load_index(cfg.index)
         check_pairing(cfg.model, index, index_name=f"--index {cfg.index}",
                       allow_mismatch=cfg.allow_index_mismatch)
         if cfg.data:
@@ -47,10 +48,6 @@ class RecommenderBackend:
                                         f"--index {cfg.index} {index.num_items}: they must "
                                         "describe the same items")
             self.titles = [it.get("title", "") for it in data.items]
-        too_many = [b for b in cfg.warmup_beams if b > index.num_items]
-        if too_many:
-            raise InvalidInputError(f"--allowed-beams: {too_many[0]} beams, but the index has "
-                                    f"{index.num_items} items")
         self.model, self.tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
         self.runner = make_runner(self.model)
         self.prompts, self.constraints = {}, {}
@@ -64,16 +61,21 @@ class RecommenderBackend:
         self.sids = [list(index.sid(i)) for i in range(index.num_items)]
 
     def warmup(self) -> None:
+        """One wave per beam count, and each other path once (kernels compiled, caches and
+        allocator warm before the first request)."""
         for beams in self.cfg.warmup_beams:
             self.run([[0]], "direct", beams, "full")
+        beams = self.cfg.warmup_beams[0]
+        self.run([[0]], "direct", beams, "sid")
+        self.run([[0]], "reasoning", beams, "full")
 
     @property
     def graph_captures(self) -> int:
-        return getattr(self.runner, "graph_captures", 0) if self.model is not None else 0
+        return getattr(self.runner, "graph_captures", 0) if self.runner is not None else 0
 
     @property
     def device(self) -> str:
-        return str(self.runner.device) if self.model is not None else self.cfg.device
+        return str(self.runner.device) if self.runner is not None else self.cfg.device
 
     def run(self, histories, mode: str, num_beams: int, score: str):
         """Each history's num_beams items, best first, and their scores: arrays [B, beams]."""

@@ -12,6 +12,7 @@ machine with the server, as they would on one host."""
 import http.client
 import ipaddress
 import json
+import math
 import socket
 import statistics
 import threading
@@ -90,31 +91,41 @@ class Client:
                 r = self.conn.getresponse()
                 data = r.read()
                 return r.status, json.loads(data) if data else None
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except Exception as e:  # the connection's state is unknown: never reuse it
                 self.conn.close()
                 self.conn = None
-                if attempt:
+                retry = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError,
+                                       BrokenPipeError))
+                if attempt or not retry:
                     raise
         raise AssertionError("unreachable")
 
 
-def check_answer(body, top_k, index, fingerprint) -> tuple:
-    """(invalid items, problems) of one 200 answer."""
-    items = body.get("items", [])
-    problems, invalid, seen = [], 0, set()
-    for it in items:
-        i = it.get("item")
-        ok = (type(i) is int and 0 <= i < index.num_items and i not in seen
-              and it.get("sid") == list(index.sid(i)))
-        invalid += not ok
-        seen.add(i)
-    if len(items) != top_k:
-        problems.append(f"{len(items)} items, expected {top_k}")
-    scores = [it.get("score") for it in items]
-    if any(a < b for a, b in zip(scores, scores[1:])):
-        problems.append("scores increase")
-    if body.get("index", {}).get("fingerprint") != fingerprint:
-        problems.append("another index fingerprint")
+def check_answer(body, request_id, top_k, index, fingerprint) -> tuple:
+    """(invalid items, problems) of one 200 answer: each item a distinct real item whose SID
+    matches the index, top_k of them, finite scores best first, our request's id and index."""
+    try:
+        items = body["items"]
+        problems, invalid, seen = [], 0, set()
+        for it in items:
+            i = it["item"]
+            ok = (type(i) is int and 0 <= i < index.num_items and i not in seen
+                  and it.get("sid") == list(index.sid(i)))
+            invalid += not ok
+            seen.add(i)
+        if len(items) != top_k:
+            problems.append(f"{len(items)} items, expected {top_k}")
+        scores = [float(it["score"]) for it in items]
+        if not all(math.isfinite(v) for v in scores):
+            problems.append("a score is not finite")
+        if any(a < b for a, b in zip(scores, scores[1:])):
+            problems.append("scores increase")
+        if body["index"]["fingerprint"] != fingerprint:
+            problems.append("another index fingerprint")
+        if body["request_id"] != request_id:
+            problems.append("another request's answer")
+    except (KeyError, TypeError, ValueError) as e:
+        return 0, [f"malformed answer ({type(e).__name__}: {e})"]
     return invalid, problems
 
 
@@ -128,26 +139,29 @@ class Level:
     statuses: dict = field(default_factory=dict)
     invalid_items: int = 0
     bad_answers: int = 0
+    changed_answers: int = 0  # items differ from an earlier answer for the same history
     items: int = 0
     queue_ms: list = field(default_factory=list)
     compute_ms: list = field(default_factory=list)
     batch_sizes: list = field(default_factory=list)
 
     def summary(self, slo_ms: float) -> dict:
-        lat = np.array(self.latencies) * 1e3 if self.latencies else np.zeros(1)
-        pct = {f"p{q}_ms": round(float(np.percentile(lat, q)), 2) for q in (50, 90, 95, 99)}
-        good = int((lat <= slo_ms).sum()) if self.latencies else 0
+        lat = np.array(self.latencies) * 1e3
+        pct = {f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if len(lat) else None
+               for q in (50, 90, 95, 99)}
+        good = int((lat <= slo_ms).sum())
         mean = (lambda v: round(statistics.fmean(v), 3) if v else None)
         return {"concurrency": self.concurrency, "requests": self.requests, "ok": self.ok,
                 "seconds": round(self.seconds, 3),
                 "req_per_s": round(self.ok / self.seconds, 3),
                 "items_per_s": round(self.items / self.seconds, 1),
-                **pct, "max_ms": round(float(lat.max()), 2),
+                **pct, "max_ms": round(float(lat.max()), 2) if len(lat) else None,
                 "goodput_req_per_s": round(good / self.seconds, 3),
                 "server_queue_ms": mean(self.queue_ms), "server_compute_ms": mean(self.compute_ms),
                 "mean_batch_size": mean(self.batch_sizes),
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-                "invalid_items": self.invalid_items, "bad_answers": self.bad_answers}
+                "invalid_items": self.invalid_items, "bad_answers": self.bad_answers,
+                "changed_answers": self.changed_answers}
 
 
 def histories(cfg: BenchServeConfig, num_items: int) -> list:
@@ -156,7 +170,8 @@ def histories(cfg: BenchServeConfig, num_items: int) -> list:
                                 "or --synthetic (random histories), one of them")
     if cfg.synthetic:
         rng = np.random.default_rng(cfg.seed)
-        return [rng.integers(0, num_items, int(rng.integers(5, cfg.max_history + 1))).tolist()
+        lo = min(5, cfg.max_history)
+        return [rng.integers(0, num_items, int(rng.integers(lo, cfg.max_history + 1))).tolist()
                 for _ in range(min(cfg.num_requests, 10_000))]
     from gream_fast.data.dataset import Dataset
 
@@ -167,12 +182,17 @@ def histories(cfg: BenchServeConfig, num_items: int) -> list:
     if cfg.split not in ("valid", "test"):
         raise InvalidInputError(f"--split: expected valid or test, got {cfg.split!r}")
     ex = getattr(data.split(max_history=cfg.max_history), cfg.split)
+    if len(ex) == 0:
+        raise InvalidInputError(f"--data {cfg.data}: the {cfg.split} split has no users")
     return [list(map(int, ex[e][1])) for e in range(len(ex))]
 
 
-def run_level(cfg, host, port, conc, hist, index, fingerprint) -> tuple:
-    """One concurrency level: (Level, {history index: first answer's items})."""
-    lv, lock, answers = Level(conc), threading.Lock(), {}
+def run_level(cfg, host, port, conc, hist, index, fingerprint, answers) -> Level:
+    """One concurrency level. answers {history index: (item, score) list}: the first answer
+    for each history (filled in here); a later one with other items counts as changed.
+    Latency runs from the request's scheduled arrival with --request-rate (so a capped
+    concurrency shows as waiting, not hidden), from its sending otherwise."""
+    lv, lock = Level(conc), threading.Lock()
     n = cfg.num_requests
     starts = None
     if cfg.request_rate > 0:  # Poisson arrival times
@@ -188,35 +208,41 @@ def run_level(cfg, host, port, conc, hist, index, fingerprint) -> tuple:
                 i = next(counter, None)
             if i is None:
                 return
+            s = time.monotonic()
             if starts is not None:
-                time.sleep(max(0.0, t0 + starts[i] - time.monotonic()))
+                s = t0 + starts[i]
+                time.sleep(max(0.0, s - time.monotonic()))
             h = i % len(hist)
-            body = {"history": hist[h], "top_k": cfg.top_k, "mode": cfg.mode,
-                    "request_id": f"bench-{conc}-{i}"}
+            rid = f"bench-{conc}-{i}"
+            body = {"history": hist[h], "top_k": cfg.top_k, "mode": cfg.mode, "request_id": rid}
             if cfg.num_beams:
                 body["num_beams"] = cfg.num_beams
-            s = time.monotonic()
             try:
                 status, reply = client.request("POST", "/v1/recommend", body)
-            except (OSError, http.client.HTTPException, json.JSONDecodeError):
+                status = str(status)
+            except (OSError, http.client.HTTPException, ValueError):
                 status, reply = "connection_error", None
             took = time.monotonic() - s
             with lock:
                 lv.requests += 1
                 lv.statuses[status] = lv.statuses.get(status, 0) + 1
-                if status != 200:
+                if status != "200":
                     continue
-                invalid, problems = check_answer(reply, cfg.top_k, index, fingerprint)
+                invalid, problems = check_answer(reply, rid, cfg.top_k, index, fingerprint)
                 lv.ok += 1
                 lv.latencies.append(took)
-                lv.items += len(reply["items"])
                 lv.invalid_items += invalid
                 lv.bad_answers += bool(problems or invalid)
+                if problems:
+                    continue
+                lv.items += len(reply["items"])
                 t = reply.get("timing", {})
                 lv.queue_ms.append(t.get("queue_ms", 0.0))
                 lv.compute_ms.append(t.get("compute_ms", 0.0))
                 lv.batch_sizes.append(t.get("batch_size", 0))
-                answers.setdefault(h, [(it["item"], it["score"]) for it in reply["items"]])
+                got = [(it["item"], it["score"]) for it in reply["items"]]
+                first = answers.setdefault(h, got)
+                lv.changed_answers += [i for i, _ in first] != [i for i, _ in got]
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(conc)]
     for t in threads:
@@ -224,7 +250,7 @@ def run_level(cfg, host, port, conc, hist, index, fingerprint) -> tuple:
     for t in threads:
         t.join()
     lv.seconds = time.monotonic() - t0
-    return lv, answers
+    return lv
 
 
 def offline_check(cfg, hist, answers, index, server: dict) -> dict:
@@ -236,7 +262,7 @@ def offline_check(cfg, hist, answers, index, server: dict) -> dict:
     from gream_fast.generate import recommend
     from gream_fast.model import make_runner
 
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=server["dtype"])
     prompts = SeqRecPrompts(tok, index, server["system_prompt"])
     runner = make_runner(model)
     con = build_constraint(tok, index, prompts, runner.device)
@@ -286,15 +312,15 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
                                 f"server's index is {fingerprint}")
     hist = histories(cfg, index.num_items)
     for i in range(cfg.warmup):  # untimed: connections, allocator, the first waves
-        probe.request("POST", "/v1/recommend", {"history": hist[i % len(hist)],
-                                                "top_k": cfg.top_k, "mode": cfg.mode,
-                                                **({"num_beams": cfg.num_beams}
-                                                   if cfg.num_beams else {})})
+        status, reply = probe.request("POST", "/v1/recommend", {
+            "history": hist[i % len(hist)], "top_k": cfg.top_k, "mode": cfg.mode,
+            **({"num_beams": cfg.num_beams} if cfg.num_beams else {})})
+        if status != 200:  # e.g. top_k above the server's beams: every request would fail
+            raise InvalidInputError(f"--url {cfg.url}: a warm-up request got {status}: "
+                                    f"{json.dumps(reply)[:300]}")
     rows, answers = [], {}
     for c in levels:
-        lv, ans = run_level(cfg, host, port, c, hist, index, fingerprint)
-        for h, a in ans.items():
-            answers.setdefault(h, a)
+        lv = run_level(cfg, host, port, c, hist, index, fingerprint, answers)
         rows.append(lv.summary(cfg.slo_ms))
         log(format_row(rows[-1], header=len(rows) == 1))
     result = {"bench": "serve", "url": cfg.url, "server": {k: info.get(k) for k in
@@ -319,7 +345,7 @@ COLUMNS = (("concurrency", "conc"), ("ok", "ok"), ("req_per_s", "req/s"),
            ("items_per_s", "items/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
            ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("goodput_req_per_s", "goodput/s"),
            ("server_queue_ms", "queue ms"), ("server_compute_ms", "compute ms"),
-           ("mean_batch_size", "batch"), ("invalid_items", "invalid"))
+           ("mean_batch_size", "batch"), ("invalid_items", "invalid"), ("bad_answers", "bad"))
 
 
 def format_row(row: dict, header: bool = False) -> str:

@@ -31,6 +31,7 @@ class ServeConfig:
     system_prompt: bool = True
     allow_index_mismatch: bool = False
     grace_s: float = 30.0
+    seed: int = 0
 
 
 def allowed_beams(cfg: ServeConfig) -> tuple:
@@ -55,6 +56,8 @@ def build_server(cfg: ServeConfig, log=print):
     from gream_fast.serve.protocol import SCORES, Limits
     from gream_fast.tasks.context import load_index
 
+    if not 0 <= cfg.port <= 65535:
+        raise InvalidInputError(f"--port: expected 0..65535, got {cfg.port}")
     check_ranges(cfg, at_least={"num_beams": 1, "max_batch_size": 1, "max_batch_rows": 1,
                                 "max_queue": 1, "max_history": 1, "max_history_items": 1,
                                 "max_batch_requests": 1, "max_body_bytes": 64, "timeout_ms": 1,
@@ -69,10 +72,18 @@ def build_server(cfg: ServeConfig, log=print):
     if beams[-1] > cfg.max_batch_rows:
         raise InvalidInputError(f"--max-batch-rows: {cfg.max_batch_rows} cannot hold one "
                                 f"request of {beams[-1]} beams")
-    num_items = load_index(cfg.index).num_items  # fails fast on a bad --index
+    if cfg.max_batch_requests > cfg.max_queue:
+        raise InvalidInputError(f"--max-batch-requests: {cfg.max_batch_requests} is more than "
+                                f"--max-queue {cfg.max_queue}: such a batch could never be queued")
+    index = load_index(cfg.index)  # fails fast, before binding, on a bad --index
+    num_items = index.num_items
+    if beams[-1] > num_items:
+        raise InvalidInputError(f"--allowed-beams: {beams[-1]} beams, but the index has "
+                                f"{num_items} items")
     backend = RecommenderBackend(BackendConfig(
         cfg.model, cfg.index, cfg.data, cfg.device, cfg.dtype, cfg.system_prompt,
-        cfg.allow_index_mismatch, cfg.think_budget, cfg.think_temperature, warmup_beams=beams))
+        cfg.allow_index_mismatch, cfg.think_budget, cfg.think_temperature, cfg.seed,
+        warmup_beams=beams), index)
     metrics = Metrics()
     engine = Engine(backend, EngineLimits(cfg.max_batch_size, cfg.max_batch_rows,
                                           cfg.max_wait_ms, cfg.max_queue), metrics)
@@ -131,7 +142,8 @@ def add_cli(subparsers) -> None:
                    "think_temperature": "reasoning mode: 0 thinks greedily (same history, "
                                         "same answer)",
                    "system_prompt": "start prompts with the alignment tasks' system prompt",
-                   "grace_s": "on SIGTERM: seconds the requests in flight get to finish"})
+                   "grace_s": "on SIGTERM: seconds the requests in flight get to finish",
+                   "seed": "reasoning mode with --think-temperature > 0: the sampling seed"})
 
     def serve_main(args):
         run_serve(from_args(ServeConfig, args))

@@ -18,8 +18,6 @@ import numpy as np
 
 from gream_fast.serve.protocol import RecommendRequest, ServeError
 
-STATES = ("loading", "warming_up", "ready", "draining", "stopped", "failed")
-
 
 @dataclass
 class Job:
@@ -27,11 +25,25 @@ class Job:
     arrival: float  # time.monotonic()
     deadline: float
     future: Future = field(default_factory=Future)
-    cancelled: bool = False
 
     def cancel(self) -> None:
-        """The caller stopped waiting: leave the queue at the next wave."""
-        self.cancelled = True
+        """The caller stopped waiting: the job leaves the queue (a wave already running
+        computes it and the answer is dropped)."""
+        self.future.cancel()
+
+    @property
+    def dead(self) -> bool:
+        return self.future.cancelled() or self.deadline <= time.monotonic()
+
+
+def _settle(job: Job, result=None, error: BaseException | None = None) -> None:
+    """Answer a job once; one its caller cancelled meanwhile stays cancelled."""
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(result)
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Engine:
         self._cond = threading.Condition()
         self._running = 0
         self._thread = threading.Thread(target=self._main, name="gream-engine", daemon=True)
+        metrics.queue_depth.set_function(lambda: len(self._pending))
 
     # -- the callers' side ---------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -81,35 +94,47 @@ class Engine:
 
     def submit(self, request: RecommendRequest) -> Job:
         """Queue one request; raises ServeError 503 (not ready, draining) or 429 (queue full)."""
-        now = time.monotonic()
-        job = Job(request, now, now + request.timeout_ms / 1e3)
-        with self._cond:
-            self._admit(1)
-            self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
-            self._cond.notify()
-        return job
+        return self.submit_all([request])[0]
 
     def submit_all(self, requests) -> list:
-        """Queue a batch's requests together: all of them, or none (429 / 503)."""
+        """Queue requests together: all of them, or none (ServeError 429 / 503)."""
         now = time.monotonic()
         jobs = [Job(r, now, now + r.timeout_ms / 1e3) for r in requests]
         with self._cond:
             self._admit(len(jobs))
             self._pending.extend(jobs)
-            self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         return jobs
 
     def _admit(self, n: int) -> None:
+        """Room for n more jobs (called under the lock), or the ServeError that says why not:
+        503 until ready and after (retryable: another replica, or this one soon), 429 when
+        the queue is full once the jobs nobody waits for are gone."""
         if self.state != "ready":
             raise ServeError(503, "not_ready", f"the server is {self.state.replace('_', ' ')}",
-                             retryable=self.state in ("loading", "warming_up"), retry_after=1)
+                             retryable=True, retry_after=1)
+        if len(self._pending) + n > self.limits.max_queue:
+            self._drop_dead()
         if len(self._pending) + n > self.limits.max_queue:
             raise ServeError(429, "overloaded",
                              f"the queue is full ({len(self._pending)} of "
                              f"{self.limits.max_queue} waiting): retry later",
                              retryable=True, retry_after=max(self.limits.max_wait_ms / 1e3, 0.05))
+
+    def _drop_dead(self) -> None:
+        """Jobs whose caller gave up or whose deadline passed leave the queue (under the lock);
+        the expired ones are answered 504."""
+        for job in [j for j in self._pending if j.dead]:
+            self._pending.remove(job)
+            _settle(job, error=ServeError(
+                504, "deadline_exceeded", f"the request waited past its timeout_ms "
+                f"({job.request.timeout_ms}) before it could run", retryable=True))
+
+    def _fits(self, wave: list, job: Job) -> bool:
+        """Whether `job` can join `wave` within the batch limits."""
+        lim = self.limits
+        return not wave or (len(wave) < lim.max_batch_size and
+                            (len(wave) + 1) * job.request.num_beams <= lim.max_batch_rows)
 
     def drain(self) -> None:
         """Stop taking requests; the queued and running ones still complete."""
@@ -133,8 +158,8 @@ class Engine:
             if self.state != "failed":
                 self.state = "stopped"
             for job in self._pending:  # past the grace period: answered, not lost
-                job.future.set_exception(ServeError(503, "shutting_down", "the server shut "
-                                                    "down before this request ran", retryable=True))
+                _settle(job, error=ServeError(503, "shutting_down", "the server shut down "
+                                                   "before this request ran", retryable=True))
             self._pending.clear()
             self._cond.notify_all()
         self._thread.join(timeout=5)
@@ -148,68 +173,67 @@ class Engine:
     def _main(self) -> None:
         try:
             self.backend.load()
-            self.state = "warming_up"
-            self.backend.warmup()
-            self._graphs()
+            with self._cond:  # a drain or stop meanwhile wins
+                if self.state == "loading":
+                    self.state = "warming_up"
+            if self.state == "warming_up":
+                self.backend.warmup()
+                self._graphs()
+            with self._cond:
+                ready = self.state == "warming_up"
+                if ready:
+                    self.state = "ready"
+            if ready and self.on_ready:
+                self.on_ready()
+            while (wave := self._next_wave()) is not None:
+                self._run(wave)
         except BaseException as e:  # noqa: BLE001: reported to the server, which exits
-            self.error, self.state = e, "failed"
+            with self._cond:
+                self.error, self.state = e, "failed"
+                for job in self._pending:
+                    _settle(job, error=ServeError(503, "engine_failed", f"the engine stopped: "
+                                                       f"{type(e).__name__}: {e}", retryable=True))
+                self._pending.clear()
+                self._running = 0
+                self._cond.notify_all()
             if self.on_fail:
                 self.on_fail(e)
-            return
-        with self._cond:
-            if self.state == "warming_up":
-                self.state = "ready"
-        if self.on_ready:
-            self.on_ready()
-        while True:
-            wave = self._next_wave()
-            if wave is None:
-                return
-            self._run(wave)
 
     def _next_wave(self):
-        lim = self.limits
+        """The next wave, [] when the oldest job left, None when the engine stops."""
         with self._cond:
             while not self._pending:
-                if self.state in ("draining", "stopped"):
-                    self._cond.notify_all()
-                    if self.state == "stopped":
-                        return None
-                self._cond.wait(0.5 if self.state == "draining" else None)
+                if self.state == "stopped":
+                    return None
+                self._cond.notify_all()  # stop() may be waiting for an empty queue
+                self._cond.wait(0.5)
             oldest = self._pending[0]
             while True:
                 wave = self._gather(oldest.request.key)
-                if not wave:  # the oldest left (expired or cancelled): start over
+                if not wave or wave[0] is not oldest:  # the oldest left: start over
                     return []
-                full = (len(wave) >= lim.max_batch_size or
-                        (len(wave) + 1) * wave[0].request.num_beams > lim.max_batch_rows)
-                left = oldest.arrival + lim.max_wait_ms / 1e3 - time.monotonic()
+                full = not self._fits(wave, oldest)  # no room for one more of this key
+                left = oldest.arrival + self.limits.max_wait_ms / 1e3 - time.monotonic()
                 if full or left <= 0 or self.state != "ready":
                     break
                 self._cond.wait(left)
             for job in wave:
                 self._pending.remove(job)
+            # from here a job is running: its caller can no longer cancel it
+            wave = [j for j in wave if j.future.set_running_or_notify_cancel()]
             self._running = len(wave)
-            self.metrics.queue_depth.set(len(self._pending))
             self.metrics.running.set(len(wave))
             return wave
 
     def _gather(self, key) -> list:
-        """The wave for `key` from the queue, oldest first (called under the lock); expired
-        and cancelled jobs leave the queue here."""
-        lim, now, wave = self.limits, time.monotonic(), []
-        for job in list(self._pending):
-            if job.cancelled or job.deadline <= now:
-                self._pending.remove(job)
-                if not job.cancelled:
-                    job.future.set_exception(ServeError(
-                        504, "deadline_exceeded", f"the request waited past its timeout_ms "
-                        f"({job.request.timeout_ms}) before it could run", retryable=True))
-                continue
+        """The wave for `key` from the queue, oldest first (under the lock), after the jobs
+        nobody waits for left."""
+        self._drop_dead()
+        wave = []
+        for job in self._pending:
             if job.request.key != key:
                 continue
-            if wave and (len(wave) >= lim.max_batch_size or
-                         (len(wave) + 1) * job.request.num_beams > lim.max_batch_rows):
+            if not self._fits(wave, job):
                 break
             wave.append(job)
         return wave
@@ -217,34 +241,31 @@ class Engine:
     def _run(self, wave: list) -> None:
         if not wave:
             return
-        r0, start = wave[0].request, time.monotonic()
+        r0, start, m = wave[0].request, time.monotonic(), self.metrics
         try:
             items, scores = self.backend.run([j.request.history for j in wave], r0.mode,
                                              r0.num_beams, r0.score)
-            error = None
+            compute = time.monotonic() - start
+            m.batch_compute_seconds.observe(compute)
+            m.batch_size.observe(len(wave))
+            m.batch_rows.observe(len(wave) * r0.num_beams)
+            self._graphs()
+            for i, job in enumerate(wave):
+                m.queue_wait_seconds.observe(start - job.arrival)
+                k = job.request.top_k
+                _settle(job, Answer(np.asarray(items[i][:k]).tolist(),
+                                    np.asarray(scores[i][:k], dtype=float).tolist(),
+                                    start - job.arrival, compute, len(wave),
+                                    len(wave) * r0.num_beams))
         except Exception as e:  # noqa: BLE001: the wave's requests get a 500, the engine lives
-            error = e
-        compute = time.monotonic() - start
-        m = self.metrics
-        m.batch_compute_seconds.observe(compute)
-        m.batch_size.observe(len(wave))
-        m.batch_rows.observe(len(wave) * r0.num_beams)
-        self._graphs()
-        for i, job in enumerate(wave):
-            m.queue_wait_seconds.observe(start - job.arrival)
-            if error is not None:
-                job.future.set_exception(ServeError(500, "internal", f"the wave failed: "
-                                                    f"{type(error).__name__}: {error}"))
-                continue
-            k = job.request.top_k
-            job.future.set_result(Answer(np.asarray(items[i][:k]).tolist(),
-                                         np.asarray(scores[i][:k], dtype=float).tolist(),
-                                         start - job.arrival, compute, len(wave),
-                                         len(wave) * r0.num_beams))
-        with self._cond:
-            self._running = 0
-            self.metrics.running.set(0)
-            self._cond.notify_all()
+            for job in wave:
+                _settle(job, error=ServeError(500, "internal", f"the wave failed: "
+                                                              f"{type(e).__name__}: {e}"))
+        finally:
+            with self._cond:
+                self._running = 0
+                m.running.set(0)
+                self._cond.notify_all()
 
     def _graphs(self) -> None:
         self.metrics.graph_captures.set(getattr(self.backend, "graph_captures", 0))

@@ -31,7 +31,11 @@ class Metrics:
         self.running = Gauge("gream_running", "Recommendations in the wave being computed",
                              registry=r)
         self.requests = Counter("gream_requests", "HTTP requests answered, by endpoint and "
-                                "status", ["endpoint", "status"], registry=r)
+                                "status (499: the client left first)", ["endpoint", "status"],
+                                registry=r)
+        self.recommendations = Counter(
+            "gream_recommendations", "Recommendations the engine accepted or refused (one per "
+            "history, batches included), by outcome status", ["status"], registry=r)
         self.items_returned = Counter("gream_items_returned", "Items returned in responses",
                                       registry=r)
         self.invalid_items = Counter(

@@ -64,13 +64,19 @@ class RecommendRequest:
         return self.mode, self.num_beams, self.score
 
 
+def _short(name: str) -> str:
+    """A client's field name as we echo it: at most 64 characters."""
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
 def decode_json(body: bytes):
     """The body as JSON: UTF-8 only (json.loads would also guess UTF-16 / 32), no NaN or
-    Infinity, nesting as deep as the parser's recursion allows (deeper: 400, not a crash)."""
+    Infinity literals, nesting as deep as the parser's recursion allows (deeper: 400, not a
+    crash). Floats are never valid field values, so an overflowing 1e999 is refused later."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -109,7 +115,7 @@ def parse_request(obj, limits: Limits, where: str = "") -> RecommendRequest:
         raise bad(where.rstrip(".") or None, "expected a JSON object")
     unknown = [k for k in obj if k not in FIELDS]
     if unknown:
-        raise bad(where + unknown[0], f"unknown field (expected {', '.join(FIELDS)})",
+        raise bad(where + _short(unknown[0]), f"unknown field (expected {', '.join(FIELDS)})",
                   "unknown_field")
     if "history" not in obj:
         raise bad(where + "history", "required (the user's item ids, oldest first)")
@@ -139,10 +145,8 @@ def parse_request(obj, limits: Limits, where: str = "") -> RecommendRequest:
     top_k = _int(obj, "top_k", where, 1, beams) if "top_k" in obj else beams
     mode = _choice(obj, "mode", where, MODES) if "mode" in obj else "direct"
     score = _choice(obj, "score", where, SCORES) if "score" in obj else limits.score
-    request_id = obj.get("request_id")
-    if request_id is None:
-        request_id = uuid.uuid4().hex
-    elif type(request_id) is not str or not 0 < len(request_id) <= 128 \
+    request_id = obj.get("request_id", uuid.uuid4().hex)
+    if type(request_id) is not str or not 0 < len(request_id) <= 128 \
             or not request_id.isprintable():
         raise bad(where + "request_id", "expected a printable string of 1..128 characters")
     timeout_ms = (_int(obj, "timeout_ms", where, 1, limits.max_timeout_ms)
@@ -158,7 +162,7 @@ def parse_batch(obj, limits: Limits) -> list:
         raise bad(None, "expected a JSON object {\"requests\": [...]}")
     unknown = [k for k in obj if k != "requests"]
     if unknown:
-        raise bad(unknown[0], "unknown field (expected requests)", "unknown_field")
+        raise bad(_short(unknown[0]), "unknown field (expected requests)", "unknown_field")
     reqs = obj.get("requests")
     if not isinstance(reqs, list) or not reqs:
         raise bad("requests", "expected a non-empty list of request objects")
