@@ -2,20 +2,19 @@
 optionally balanced so every cluster holds n//K - 1 .. n//K + 1 items (the reference's
 constraint), then subtract the centroids and go down a level.
 
-Balanced assignment, on the data's own device: the capacity constraints are relaxed with one
-price per cluster (a Lagrange multiplier): points go to argmin distance + price (the fused
-assign kernel with a bias), and crowded clusters get dearer, empty ones cheaper, for a few
-rounds (dual ascent; prices carry over between Lloyd iterations, so later iterations need one
-or two rounds). Prices bring the sizes close; an exact greedy repair then moves the points
-whose move costs the least squared distance until every size is inside the bounds. It reaches
-the bounds exactly, like the reference's min-cost flow, at the price of matrix products
-instead of an n^2 solver.
-
-Two ways to run it, chosen by size alone (so a seed gives the same result on every device):
-while the N x K distance matrix is small (LOCAL_SEARCH_MAX) it is computed once per Lloyd
-iteration and the price rounds, the repair and a polish by moves and swaps (2-cycles of the
-min-cost flow) run on it in compiled host loops; above, every price round is one fused assign
-kernel launch on the data's device and the repair computes the few distances it needs from x.
+Balanced assignment: the capacity constraints are relaxed with one price per cluster (a
+Lagrange multiplier): points go to argmin distance + price, and crowded clusters get dearer,
+empty ones cheaper, for a few rounds (dual ascent; prices carry over between Lloyd
+iterations). Prices bring the sizes close; then, two ways, chosen by size alone (so a seed
+gives the same result on every device):
+- while the N x K distance matrix fits (DENSE_MAX), it is computed once per Lloyd iteration
+  (one matrix product) and the assignment is made exact by successive shortest paths on the
+  K-cluster graph (_min_cost_balance): the min-cost assignment within the bounds, the same
+  optimum as the reference's min-cost flow over all N x K arcs, in compiled host loops whose
+  cost grows with the points that must move, not with N x K;
+- above, every price round is one fused assign kernel launch on the data's device and an
+  exact greedy repair moves the points whose move costs the least squared distance until
+  every size is within the bounds (feasible, not always optimal).
 """
 from dataclasses import dataclass, field
 
@@ -103,104 +102,159 @@ def _nearest_priced(dist, prices, a, d):
         a[i], d[i] = t, best
 
 
-@numba.njit(cache=True, parallel=True)
-def _cheaper_clusters(dist, a, prefer):
-    """prefer[i]: the cluster closest to point i when it is closer than i's own, else -1."""
-    for i in numba.prange(dist.shape[0]):
-        s = a[i]
-        best, t = dist[i, s], -1
-        for j in range(dist.shape[1]):
-            if j != s and dist[i, j] < best:
-                best, t = dist[i, j], j
-        prefer[i] = t
+@numba.njit(cache=True)
+def _move_costs(dist, members, size, s, row, arg):
+    """row[t]: the cheapest move of one point of cluster s to cluster t, min over its members
+    of dist[i, t] - dist[i, s] (prices aside); arg[t]: that point. inf / -1 when s is empty."""
+    row[:] = np.inf
+    arg[:] = -1
+    for m in range(size[s]):
+        i = members[s, m]
+        base = dist[i, s]
+        for t in range(dist.shape[1]):
+            v = dist[i, t] - base
+            if v < row[t]:
+                row[t] = v
+                arg[t] = i
 
 
 @numba.njit(cache=True)
-def _local_search(dist, a, counts, lo, hi, rounds):
-    """Improve a feasible balanced assignment: move a point to a cluster with room when that
-    is cheaper, or swap two points between their clusters when that is cheaper for the pair
-    (a 2-cycle of the min-cost flow the reference solves). Sizes stay within [lo, hi]."""
-    n, k = dist.shape
-    members = np.empty(n, np.int64)
-    start = np.zeros(k + 1, np.int64)
-    prefer = np.empty(n, np.int64)  # each point's cheaper cluster, found once per round
-    for rnd in range(rounds):
-        changed = 0
-        # a point's preference depends on its own cluster only, which changes only when the
-        # point itself moves: so all preferences can be found up front, in parallel
-        _cheaper_clusters(dist, a, prefer)
-        for i in range(n):
-            s, t = a[i], prefer[i]
-            if t >= 0 and counts[s] > lo and counts[t] < hi:  # a plain move
-                a[i] = t
-                counts[s] -= 1
-                counts[t] += 1
-                changed += 1
-        # swaps: bucket the points by cluster, then for each point that prefers another
-        # cluster, trade places with the member of that cluster for whom it costs least
-        start[:] = 0
-        for i in range(n):
-            start[a[i] + 1] += 1
+def _leave(dist, members, size, s, i, row, arg):
+    """Point i has left cluster s: the moves it was the cheapest for get their next best."""
+    for t in range(dist.shape[1]):
+        if arg[t] != i:
+            continue
+        best, who = np.inf, -1
+        for m in range(size[s]):
+            q = members[s, m]
+            v = dist[q, t] - dist[q, s]
+            if v < best:
+                best, who = v, q
+        row[t], arg[t] = best, who
+
+
+@numba.njit(cache=True)
+def _join(dist, t, i, row, arg):
+    """Point i has joined cluster t: it may be t's cheapest move anywhere."""
+    base = dist[i, t]
+    for u in range(dist.shape[1]):
+        v = dist[i, u] - base
+        if v < row[u]:
+            row[u], arg[u] = v, i
+
+
+@numba.njit(cache=True)
+def _shortest_paths(cost, prices, start, backwards, d, prev, stop):
+    """Dense Dijkstra over the clusters, edge u -> v costing cost[u, v] + prices[v] - prices[u]
+    (>= 0: every point sits at its argmin of distance + price). From `start`, or (start < 0)
+    from the labels already in d; backwards: along the edges' reverse (distances to start).
+    Returns the first cluster settled where stop[] is set (-1: none; then all are settled):
+    the nearest such one, and every label below its distance is final."""
+    k = cost.shape[0]
+    done = np.zeros(k, np.bool_)
+    prev[:] = -1
+    if start >= 0:
+        d[:] = np.inf
+        d[start] = 0.0
+    for _ in range(k):
+        u, best = -1, np.inf
         for j in range(k):
-            start[j + 1] += start[j]
-        fill = start[:k].copy()
-        for i in range(n):
-            members[fill[a[i]]] = i
-            fill[a[i]] += 1
-        for i in range(n):
-            s, t = a[i], prefer[i]
-            if t < 0 or t == s:
-                continue  # content, or it just moved there
-            gain_i = dist[i, s] - dist[i, t]
-            bm, bg = -1, -1e30
-            for m in range(start[t], start[t + 1]):
-                q = members[m]
-                if a[q] != t:
-                    continue  # moved this round
-                g = dist[q, t] - dist[q, s]
-                if g > bg:
-                    bg, bm = g, q
-            if bm >= 0 and gain_i + bg > 1e-9 * (1.0 + abs(dist[i, s])):
-                a[i], a[bm] = t, s
-                changed += 1
-        if changed == 0:
-            return rnd
-    return rounds
-
-
-@numba.njit(cache=True, parallel=True)
-def _repair_candidates(dist, a, counts, lo, hi, cand_t, cand_cost):
-    """Each point's candidate moves: slot 2i, out of a crowded cluster to the cheapest one with
-    room; slot 2i+1, out of a cluster that can spare one to the cheapest short cluster.
-    cand_cost is the extra squared distance, inf where there is no candidate."""
-    room = np.flatnonzero(counts < hi)
-    short = np.flatnonzero(counts < lo)
-    for i in numba.prange(dist.shape[0]):
-        s = a[i]
-        for slot, ok, cols in ((2 * i, counts[s] > hi, room), (2 * i + 1, counts[s] > lo, short)):
-            best, t = np.inf, -1
-            if ok:
-                for j in cols:
-                    if dist[i, j] < best:
-                        best, t = dist[i, j], j
-            cand_t[slot] = t
-            cand_cost[slot] = best - dist[i, s] if t >= 0 else np.inf
+            if not done[j] and d[j] < best:
+                best, u = d[j], j
+        if u < 0:
+            return -1
+        done[u] = True
+        if stop[u] and u != start:
+            return u
+        for v in range(k):
+            if not done[v]:
+                c = cost[v, u] + prices[u] - prices[v] if backwards else \
+                    cost[u, v] + prices[v] - prices[u]
+                c = max(c, 0.0)  # >= 0 but for rounding
+                if best + c < d[v]:
+                    d[v] = best + c
+                    prev[v] = u
+    return -1
 
 
 @numba.njit(cache=True)
-def _repair_dense(dist, a, counts, lo, hi):
-    """_repair on the full distance matrix, in compiled loops: every member of a crowded cluster
-    and every member of a cluster that can spare one is a candidate (see _repair_candidates)."""
-    n = dist.shape[0]
-    cand_t = np.empty(2 * n, np.int64)
-    cand_cost = np.empty(2 * n, np.float64)
-    while counts.max() > hi or counts.min() < lo:
-        _repair_candidates(dist, a, counts, lo, hi, cand_t, cand_cost)
-        slots = np.flatnonzero(cand_cost < np.inf)
-        slots = slots[np.argsort(cand_cost[slots], kind="mergesort")]
-        points = slots // 2
-        if _apply_moves(points, a[points], cand_t[slots], a, counts, lo, hi) == 0:
-            raise RuntimeError("balanced repair made no progress")  # cannot happen: see bounds
+def _min_cost_balance(dist, prices, a, lo, hi):
+    """The min-cost assignment with every cluster size in [lo, hi], exactly (up to ties),
+    from an assignment at argmin(dist + prices): successive shortest paths on the K-node graph
+    whose edge u -> v moves the cheapest point of u to v. A path out of a crowded cluster to
+    one with room (or into a short one from one that can spare) moves one point per edge;
+    once the sizes fit, paths of negative real cost from a cluster above lo to one below hi
+    are taken until none is left (the optimality condition of the min-cost flow the reference
+    solves on all N x K arcs). The prices stay valid potentials, so Dijkstra applies, and are
+    returned updated: the next Lloyd iteration starts from them. Returns the paths taken."""
+    n, k = dist.shape
+    size = np.zeros(k, np.int64)
+    for i in range(n):
+        size[a[i]] += 1
+    # each cluster's members (a path's middle cluster holds one extra point for a moment)
+    members = np.empty((k, max(size.max(), hi) + 1), np.int64)
+    where = np.empty(n, np.int64)  # each point's slot in its cluster's row
+    fill = np.zeros(k, np.int64)
+    for i in range(n):
+        s = a[i]
+        members[s, fill[s]] = i
+        where[i] = fill[s]
+        fill[s] += 1
+    cost = np.empty((k, k))
+    arg = np.empty((k, k), np.int64)
+    for s in range(k):
+        _move_costs(dist, members, size, s, cost[s], arg[s])
+    d = np.empty(k)
+    prev = np.empty(k, np.int64)
+    paths = 0
+    while True:
+        src, backwards = -1, False
+        for j in range(k):
+            if size[j] > hi:
+                src = j
+                break
+        if src < 0:
+            for j in range(k):
+                if size[j] < lo:
+                    src, backwards = j, True
+                    break
+        if src >= 0:  # a forced path: out of a crowded cluster, or into a short one
+            stop = size > lo if backwards else size < hi
+            end = _shortest_paths(cost, prices, src, backwards, d, prev, stop)
+            reach = d[end] if end >= 0 else np.inf
+        else:  # sizes fit: a cheaper assignment moves a point from above lo to below hi
+            for j in range(k):
+                d[j] = prices[j] if size[j] > lo else np.inf
+            _shortest_paths(cost, prices, -1, False, d, prev, np.zeros(k, np.bool_))
+            end, gain = -1, -1e-9 * (1.0 + np.abs(prices).max())
+            for j in range(k):
+                if size[j] < hi and prev[j] >= 0 and d[j] - prices[j] < gain:
+                    gain, end = d[j] - prices[j], j
+            if end < 0:
+                return paths
+            reach = d[end]
+        if end < 0:
+            raise RuntimeError("balanced assignment: no path")  # cannot happen: n >= k * lo
+        for j in range(k):  # potentials that keep every edge >= 0 and the path's edges at 0
+            step = min(d[j], reach)
+            prices[j] += step if backwards else -step
+        v = end
+        while (v != src) if src >= 0 else (prev[v] >= 0):
+            u = prev[v]
+            s, t = (v, u) if backwards else (u, v)  # one point moves from s to t
+            i = arg[s, t]
+            last = members[s, size[s] - 1]  # i leaves s: s's last member takes its slot
+            members[s, where[i]] = last
+            where[last] = where[i]
+            size[s] -= 1
+            members[t, size[t]] = i
+            where[i] = size[t]
+            size[t] += 1
+            a[i] = t
+            _leave(dist, members, size, s, i, cost[s], arg[s])
+            _join(dist, t, i, cost[t], arg[t])
+            v = u
+        paths += 1
 
 
 def _repair(x, c, a, own, lo, hi):
@@ -255,21 +309,22 @@ def _repair(x, c, a, own, lo, hi):
     return torch.from_numpy(a_np).to(a.device)
 
 
-LOCAL_SEARCH_MAX = 1 << 26  # N * K up to which the assignment is polished on the full matrix
+DENSE_MAX = 1 << 26  # N * K up to which the N x K distance matrix is held (the exact path)
+HAND_OFF = 0.03  # price rounds stop once fewer than this fraction of the points must move
 
 
 def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bool = False):
     """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices).
-    Prices from the previous Lloyd iteration are nearly right: two rounds then, six cold.
-    While N * K <= LOCAL_SEARCH_MAX the distance matrix is computed once (one matrix product)
-    and serves the price rounds and a final polish by moves and swaps; above, every round is
-    one fused assign and there is no polish."""
+    While N * K <= DENSE_MAX: the min-cost such assignment (price rounds on the distance
+    matrix until few points must move, then shortest paths); the prices returned are its
+    dual prices, the next Lloyd iteration's start. Above: price rounds with the fused assign
+    kernel (two warm, six cold), then the greedy repair."""
     n, k = x.shape[0], c.shape[0]
     lo, hi = size_bounds(n, k)
-    if rounds is None:
-        rounds = 6 if prices is None else 2
+    small = n * k <= DENSE_MAX  # the same on every device: same seed, same result
+    if rounds is None:  # on the matrix a price round costs about as much as ~100 paths
+        rounds = 12 if small else 6 if prices is None else 2
     prices = torch.zeros(k, device=x.device) if prices is None else prices
-    small = n * k <= LOCAL_SEARCH_MAX  # the same on every device: same seed, same result
     if small:
         # ||x||^2 is the same for every cluster of a row: argmins, prices, repair and polish
         # compare within rows only, so the matrix leaves it out (one matrix product, no passes)
@@ -291,6 +346,7 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     # whenever the imbalance grows (the sign that prices overshoot).
     step = 0.5 * float(d.mean()) / max(target, 1.0) ** 0.5
     best, feasible = (float("inf"), a, prices, d), False
+    hand_off = HAND_OFF * n if small else 0.0  # few enough points to move by paths
     for r in range(rounds + 1):
         counts = torch.bincount(a, minlength=k)
         if int(counts.max()) <= hi and int(counts.min()) >= lo:
@@ -301,19 +357,19 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
             best = (off, a, prices, d)
         else:
             step *= 0.5
-        if r == rounds:
+        if r == rounds or int((counts - hi).clamp(min=0).sum() + (lo - counts).clamp(min=0).sum()) \
+                <= hand_off:  # the points that must move
             break
         prices = prices + step * (counts.float() - target) / target
         a, d = nearest(prices)
-    if small:  # repair (when needed) and polish on the host, in compiled loops
+    if small:  # the min-cost assignment from the best prices, on the host
         if not feasible:
-            a = best[1]
+            a, prices = best[1], best[2]
         a_np = a.cpu().numpy().copy()
-        counts = np.bincount(a_np, minlength=k).astype(np.int64)
-        _repair_dense(dist_np, a_np, counts, lo, hi)
-        _local_search(dist_np, a_np, counts, lo, hi, 4)
-        a = torch.from_numpy(a_np).to(x.device)
-    elif not feasible:
+        p_np = prices.double().cpu().numpy().copy()
+        _min_cost_balance(dist_np, p_np, a_np, lo, hi)
+        return torch.from_numpy(a_np).to(x.device), torch.from_numpy(p_np).float().to(x.device)
+    if not feasible:
         _, a, p_used, d = best
         a = _repair(x, c.float(), a, d - p_used[a], lo, hi)  # d holds distance + price
     return a, prices
