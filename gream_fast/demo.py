@@ -15,6 +15,8 @@ SRPO run that was cut off continues from its newest checkpoint):
                                             few steps; best/ is the policy with the best valid
                                             Recall@10, the starting one included (so SRPO never
                                             lowers it), and it is the "srpo" model evaluated
+  sft_continued   sft_continued/final       the control: sft_curriculum trained on for about
+                                            SRPO's wall time with SFT instead (its rows again)
   eval            eval/*.json               test metrics of every model in both modes
 
 The SFT subset: the full task files are far too large for a CPU run (ML-100K gives ~100k
@@ -40,7 +42,7 @@ import numpy as np
 
 KS = (1, 5, 10)
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
-MODEL_STAGES = ("sft_align", "sft_curriculum", "srpo")
+MODEL_STAGES = ("sft_align", "sft_curriculum", "srpo", "sft_continued")
 MODES = ("direct", "reasoning")
 
 
@@ -64,6 +66,8 @@ class DemoConfig:
     lr: float = 2e-3
     sft_align_steps: int = 500
     sft_curriculum_steps: int = 500
+    # the control: SFT steps in about the SRPO stage's wall time on a 2-core CPU (~0.2 s each)
+    sft_continued_steps: int = 300
     history_loss: bool = True  # see the module docstring
     # SRPO (direct mode), validated every srpo_eval_every steps (best/ keeps the best policy)
     srpo_steps: int = 16
@@ -82,6 +86,7 @@ class DemoConfig:
 
 QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192, cot_rows=48,
              seq_len=512, batch_size=2, sft_align_steps=3, sft_curriculum_steps=3,
+             sft_continued_steps=2,
              srpo_steps=1, srpo_prompts=4, srpo_n=4, srpo_eval_every=1, eval_users=12,
              reasoning_users=12,
              num_beams=10,
@@ -253,15 +258,19 @@ def _report_md(report: dict, plots: list) -> str:
               f"{v['before']:.4f} (sft_curriculum) -> {v['after']:.4f} (srpo), {verdict}. "
               f"Test Recall@10 (direct): {st['sft_curriculum']['direct']['recall@10']:.4f} -> "
               f"{st['srpo']['direct']['recall@10']:.4f}.", ""]
-    lines += ["Paired on the same test users (srpo - sft_curriculum, per-user difference, "
-              "percentile-bootstrap 95% interval over users; an interval that holds 0 is no "
-              "evidence either way):", ""]
-    for mode, c in report["srpo_vs_sft_curriculum"].items():
-        for metric in ("recall@10", "ndcg@10"):
-            d = c["diff"][metric]
-            lines.append(f"- {mode}, {metric}: {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, "
-                         f"{d['ci95'][1]:+.4f}] over {c['users']} users")
-    lines += ["", "## Training curves", ""] + [f"![{p}]({p})" for p in plots]
+    for other, what in (("sft_curriculum", "its start"),
+                        ("sft_continued", f"the control: {sz['sft_continued_steps']} more SFT "
+                                          "steps from the same start, about SRPO's wall time")):
+        lines += [f"Paired on the same test users, srpo - {other} ({what}; per-user "
+                  "difference, percentile-bootstrap 95% interval over users; an interval that "
+                  "holds 0 is no evidence either way):", ""]
+        for mode, c in report[f"srpo_vs_{other}"].items():
+            for metric in ("recall@10", "ndcg@10"):
+                d = c["diff"][metric]
+                lines.append(f"- {mode}, {metric}: {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, "
+                             f"{d['ci95'][1]:+.4f}] over {c['users']} users")
+        lines.append("")
+    lines += ["## Training curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage timings (seconds; '-' = reused from an earlier run)", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {'-' if t is None else f'{t:.1f}'} |" for k, t in report["timings"].items()]
@@ -371,8 +380,12 @@ def run(cfg: DemoConfig) -> dict:
                               resume=out.is_dir() and any(out.glob("checkpoint-*"))))
 
     stage("srpo", (runs["srpo"] / "final" / "config.json").exists, srpo_stage)
+    stage("sft_continued", (runs["sft_continued"] / "final" / "config.json").exists,
+          sft(runs["sft_continued"], sft_c, cfg.sft_continued_steps,
+              model=str(runs["sft_curriculum"] / "final")))
     models = {"sft_align": runs["sft_align"] / "final",
-              "sft_curriculum": runs["sft_curriculum"] / "final", "srpo": runs["srpo"] / "best"}
+              "sft_curriculum": runs["sft_curriculum"] / "final", "srpo": runs["srpo"] / "best",
+              "sft_continued": runs["sft_continued"] / "final"}
 
     # -- evaluation: every (model, mode) on the same test users
     from gream_fast.tasks.context import load_index
@@ -417,17 +430,20 @@ def run(cfg: DemoConfig) -> dict:
     for name in MODEL_STAGES:
         stages[name] = {mode: pick(results[(name, mode, "test")]) for mode in MODES}
     sizes = asdict(cfg)
-    sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": len(read_jsonl(sft_c))}
+    sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": len(read_jsonl(sft_c)),
+                "sft_continued": len(read_jsonl(sft_c))}
     valid = [m for m in _metrics(runs["srpo"] / "metrics.jsonl") if "valid_recall@10" in m]
     chosen = json.loads((runs["srpo"] / "best" / "best.json").read_text())
-    # the paired comparison of SRPO with its start on the same test users (compare: the
-    # bootstrap interval of the per-user Recall@10 / NDCG@10 difference)
+    # the paired comparisons of SRPO with its start and with the control on the same test
+    # users (compare: the bootstrap interval of the per-user Recall@10 / NDCG@10 difference)
     from gream_fast.eval.compare import compare
 
-    paired = {mode: compare([ranking_file(eval_dir, "srpo", mode, "test").parent],
-                            [ranking_file(eval_dir, "sft_curriculum", mode, "test").parent],
-                            k=10, splits=["test"], seed=cfg.seed) for mode in MODES}
-    report = {"stages": stages, "srpo_vs_sft_curriculum": paired,
+    def paired(other):
+        return {mode: compare([ranking_file(eval_dir, "srpo", mode, "test").parent],
+                              [ranking_file(eval_dir, other, mode, "test").parent],
+                              k=10, splits=["test"], seed=cfg.seed) for mode in MODES}
+    report = {"stages": stages, "srpo_vs_sft_curriculum": paired("sft_curriculum"),
+              "srpo_vs_sft_continued": paired("sft_continued"),
               "srpo_validation": {
                   "metric": "recall@10", "mode": "direct", "users": cfg.eval_users or "all",
                   "before": valid[0]["valid_recall@10"],

@@ -41,14 +41,15 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
     for name in MODEL_STAGES:
         for mode in MODES:
             assert ranking_file(out / "eval", name, mode, "test").is_file()
-    for mode in MODES:
-        c = report["srpo_vs_sft_curriculum"][mode]
-        d = c["diff"]["recall@10"]
-        assert c["users"] > 0 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
-        assert d["mean"] == pytest.approx(stages["srpo"][mode]["recall@10"]
-                                          - stages["sft_curriculum"][mode]["recall@10"])
+    for other in ("sft_curriculum", "sft_continued"):  # its start, and the SFT control
+        for mode in MODES:
+            c = report[f"srpo_vs_{other}"][mode]
+            d = c["diff"]["recall@10"]
+            assert c["users"] > 0 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+            assert d["mean"] == pytest.approx(stages["srpo"][mode]["recall@10"]
+                                              - stages[other][mode]["recall@10"])
     md = (out / "report.md").read_text()
-    assert "Paired on the same test users" in md
+    assert "srpo - sft_curriculum" in md and "srpo - sft_continued" in md
     for svg in ("sft_loss.svg", "srpo_reward.svg", "srpo_valid.svg"):
         assert (out / svg).read_text().startswith("<svg") and svg in md
     assert "popularity" in md and "srpo" in md
