@@ -16,6 +16,7 @@ AdamW, whose update lr * m / (sqrt(v) + eps) amplifies them on the coordinates w
 near eps: atol 1e-4 (10% of one step's update at lr 1e-3) on the weights after 3 steps;
 observed max 1.5e-6 (mean 6e-9) with AVX-512 kernels, 2.0e-5 on the tied model with AVX2 ones
 (ATEN_CPU_CAPABILITY=avx2 and OpenBLAS as Haswell: another CPU's summation order)."""
+import functools
 import json
 import os
 import shutil
@@ -68,12 +69,16 @@ def cfg(root, out, **kw):
     return SFTConfig(**{**base, **kw})
 
 
-def _rank_main(rank, world_size, port, jobs):
-    """jobs: SFT configs (train(job) runs) or callables."""
+def _rank_main(rank, world_size, port, jobs, interpret):
+    """jobs: SFT configs (train(job) runs) or picklable callables; interpret: the kernels'
+    backend switch as the test has it (the torch_kernels fixture may have turned it off)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes on two cores; no OpenMP pool after the fork
+    torch.set_num_threads(1)  # two processes on two cores
+    from gream_fast.kernels import _backend
     from gream_fast.train import distributed
+
+    _backend.INTERPRET = interpret
 
     world, _ = distributed.setup("cpu")
     assert world.owns_group and world.size == world_size and world.rank == rank
@@ -85,14 +90,18 @@ def _rank_main(rank, world_size, port, jobs):
 
 
 def run_ranks(jobs, world_size=2, timeout=300):
-    """Run train(job) for each job in `world_size` forked processes sharing one gloo group."""
+    """Run train(job) for each job in `world_size` processes sharing one gloo group. Started
+    from a fork server, not forked from pytest: a fork of this many-threaded process (torch's,
+    numba's and earlier tests' thread pools) crashed a rank in gloo now and then."""
     import torch.multiprocessing as mp
+
+    from gream_fast.kernels import _backend
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_rank_main, args=(world_size, port, jobs), nprocs=world_size,
-                             join=False, start_method="fork")
+    ctx = mp.start_processes(_rank_main, args=(world_size, port, jobs, _backend.INTERPRET),
+                             nprocs=world_size, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
@@ -266,7 +275,7 @@ def test_srpo_update_two_ranks_match_one(tmp_path, one_thread):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     srpo_updates(tmp_path / "one")
-    run_ranks([lambda: srpo_updates(tmp_path / "two")], timeout=120)
+    run_ranks([functools.partial(srpo_updates, tmp_path / "two")], timeout=180)
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     initial = __import__("test_srpo_step").setup(seed=0)[0].state_dict()
     assert max_diff(one, {k: initial[k] for k in one}) > 1e-3  # the updates moved the weights
@@ -286,13 +295,20 @@ def test_srpo_mini_batches_on_two_ranks(tmp_path, one_thread):
     the first call, so its first mini-batch is a zero-weight placeholder; none of the second,
     whose single group makes one update everywhere); the ranks stay in step and the weights
     move."""
-    run_ranks([lambda: srpo_updates(tmp_path, mini_batches=2)], timeout=120)
+    run_ranks([functools.partial(srpo_updates, tmp_path, mini_batches=2)], timeout=180)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert [s["updates"] for s in stats] == [2, 1]
     assert all(s["updated"] and np.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in stats)
     initial = __import__("test_srpo_step").setup(seed=0)[0].state_dict()
     moved = load_file(tmp_path / "model.safetensors")
     assert max_diff(moved, {k: initial[k] for k in moved}) > 1e-3
+
+
+def _train_srpo(cfg):
+    from gream_fast.train.srpo_loop import SRPOConfig
+    from gream_fast.train.srpo_loop import train as srpo_train
+
+    srpo_train(SRPOConfig(**cfg), progress=False)
 
 
 @pytest.mark.usefixtures("torch_kernels")
@@ -313,7 +329,7 @@ def test_srpo_train_two_ranks(tmp_path):
                index=str(tmp_path / "index"), out=str(run), n=4, prompts_per_step=3,
                max_draws=2, lr=1e-3, warmup_steps=1, steps=2, save_every=1, eval_every=2,
                eval_users=3, device="cpu")
-    run_ranks([lambda: srpo_train(SRPOConfig(**cfg), progress=False)], timeout=180)
+    run_ranks([functools.partial(_train_srpo, cfg)], timeout=240)
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]  # one writer
     for m in metrics[1:]:
@@ -374,7 +390,8 @@ def test_evaluate_two_ranks_match_one(tmp_path, one_thread):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     _evaluate_to(tmp_path / "one", tmp_path, index, 1)
-    run_ranks([lambda: _evaluate_to(tmp_path / "two", tmp_path, index, 2)], timeout=180)
+    run_ranks([functools.partial(_evaluate_to, tmp_path / "two", tmp_path, index, 2)],
+              timeout=240)
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     for rank in (0, 1):
         assert json.loads((tmp_path / "two" / f"rank{rank}.json").read_text()) == one
