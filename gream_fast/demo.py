@@ -430,8 +430,9 @@ def run(cfg: DemoConfig) -> dict:
     for name in MODEL_STAGES:
         stages[name] = {mode: pick(results[(name, mode, "test")]) for mode in MODES}
     sizes = asdict(cfg)
-    sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": len(read_jsonl(sft_c)),
-                "sft_continued": len(read_jsonl(sft_c))}
+    curriculum_rows = len(read_jsonl(sft_c))
+    sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": curriculum_rows,
+                "sft_continued": curriculum_rows}
     valid = [m for m in _metrics(runs["srpo"] / "metrics.jsonl") if "valid_recall@10" in m]
     chosen = json.loads((runs["srpo"] / "best" / "best.json").read_text())
     # the paired comparisons of SRPO with its start and with the control on the same test

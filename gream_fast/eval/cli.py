@@ -117,9 +117,20 @@ def run_eval(cfg: EvalConfig) -> dict:
     return metrics
 
 
+def item_titles(data_dir, index, index_name) -> list:
+    """Each item's title from a `data prepare` folder describing the index's items."""
+    from gream_fast.data.dataset import Dataset
+
+    data = Dataset.load(data_dir)
+    if data.num_items != index.num_items:
+        raise InvalidInputError(f"--data {data_dir} has {data.num_items} items but --index "
+                                f"{index_name} {index.num_items}: they must describe the same "
+                                "items")
+    return [it.get("title", "") for it in data.items]
+
+
 def run_recommend(cfg: RecommendConfig) -> list:
     """[(item, score, title or None)], best first."""
-    from gream_fast.data.dataset import Dataset
     from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
     from gream_fast.generate import recommend
     from gream_fast.model import make_runner
@@ -139,13 +150,7 @@ def run_recommend(cfg: RecommendConfig) -> list:
     if bad:
         raise InvalidInputError(f"--history: item {bad[0]} is not in the index "
                                 f"(0..{index.num_items - 1})")
-    titles = None
-    if cfg.data:
-        data = Dataset.load(cfg.data)
-        if data.num_items != index.num_items:
-            raise InvalidInputError(f"--data {cfg.data} has {data.num_items} items but --index "
-                                    f"{cfg.index} {index.num_items}: they must describe the same items")
-        titles = [it.get("title", "") for it in data.items]
+    titles = item_titles(cfg.data, index, cfg.index) if cfg.data else None
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
     prompts = SeqRecPrompts(tokenizer, index, cfg.system_prompt)
     runner = make_runner(model)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gream_fast.errors import DataError, InvalidInputError
-from gream_fast.eval.metrics import target_ranks
+from gream_fast.eval.metrics import target_ranks, user_metrics
 from gream_fast.files import iter_jsonl
 
 SPLITS = ("valid", "test")
@@ -69,14 +69,11 @@ def per_user(folders, splits, k: int):
                 _same_users(seen[split], (folder, users, targets), split)
             else:
                 seen[split] = (folder, users, targets)
-            recall = (ranks > 0).astype(np.float64)
-            ndcg = np.where(ranks > 0, 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)
-            for u, r, g in zip(users.tolist(), recall, ndcg):
-                s = sums.setdefault(u, np.zeros(2))
-                s += (r / len(folders), g / len(folders))
+            for u, r, g in zip(users.tolist(), *user_metrics(ranks, k)):
+                sums.setdefault(u, np.zeros(2))[:] += (r, g)
                 counts[u] = counts.get(u, 0) + 1
     users = np.asarray(sorted(sums), np.int64)
-    values = np.stack([sums[u] / (counts[u] / len(folders)) for u in users.tolist()])
+    values = np.stack([sums[u] / counts[u] for u in users.tolist()])
     return users, values[:, 0], values[:, 1], seen
 
 

@@ -53,15 +53,20 @@ def recall_ndcg(ranked_items, targets, ks=DEFAULT_KS) -> dict:
         raise InvalidInputError(f"ks: K={max(ks)} is larger than the ranking width "
                                 f"{ranked.shape[1]} of ranked_items")
     rank = target_ranks(ranked, targets)
-    found = rank > 0
-    gain = np.zeros(len(rank))
-    gain[found] = 1.0 / np.log2(rank[found] + 1.0)
     out = {}
     for k in ks:
-        within = found & (rank <= k)
-        out[f"recall@{k}"] = float(within.mean())
-        out[f"ndcg@{k}"] = float(np.where(within, gain, 0.0).mean())
+        recall, ndcg = user_metrics(rank, k)
+        out[f"recall@{k}"] = float(recall.mean())
+        out[f"ndcg@{k}"] = float(ndcg.mean())
     return out
+
+
+def user_metrics(rank, k: int) -> tuple:
+    """Each user's Recall@k and NDCG@k (float64 [U] each) from its target's 1-based rank
+    (0: absent; target_ranks)."""
+    within = (rank > 0) & (rank <= k)
+    return within.astype(np.float64), np.where(within, 1.0 / np.log2(np.maximum(rank, 1) + 1.0),
+                                               0.0)
 
 
 def _as_int_array(x, name: str, ndim: int) -> np.ndarray:

@@ -11,6 +11,7 @@ logprob_temperature = the sampling temperature, log-softmax of logits / temperat
 TRL's GRPOTrainer recomputes). EOS after a complete SID is forced and gets its log-prob like
 any token (0 under score="sid").
 """
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,6 +36,20 @@ class Rollouts:
     forced: torch.Tensor | None = None  # [B * n] bool: the think budget ran out, marker forced
 
 
+def _under_inference_mode(fn):
+    """Run fn under torch.inference_mode (no autograd bookkeeping: ~10% of a CPU decode
+    step's op overhead) and give back its Rollouts as ordinary tensors (clones made outside
+    the mode: a caller may change them in place or train on them)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return Rollouts(**{f.name: None if getattr(out, f.name) is None else
+                           getattr(out, f.name).clone() for f in fields(out)})
+    return run
+
+
+@_under_inference_mode
 def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: float = 1.0,
            top_p: float = 1.0, mode: str = "direct", score: str = "full", seed: int = 0,
            pad_id: int | None = None, runner=None, think_budget: int = 512,
@@ -43,20 +58,7 @@ def sample(model, prompts, index, tokenizer=None, n: int = 10, temperature: floa
     """n trie-constrained samples per prompt. Direct mode: the response is the SID + EOS.
     Reasoning mode: free text until the answer marker, then the SID + the end token (see
     _sample_reasoning). Seeded: the same seed gives the same rollouts on the same device.
-    Runs under torch.inference_mode (no autograd bookkeeping: ~10% of a CPU decode step's op
-    overhead) and returns ordinary tensors."""
-    with torch.inference_mode():
-        out = _sample(model, prompts, index, tokenizer, n, temperature, top_p, mode, score, seed,
-                      pad_id, runner, think_budget, answer, answer_end, answer_ids, stop_ids,
-                      logprob_temperature)
-    # (clones made outside the mode: tensors a caller may change in place or train on)
-    return Rollouts(**{f.name: None if getattr(out, f.name) is None else
-                       getattr(out, f.name).clone() for f in fields(out)})
-
-
-def _sample(model, prompts, index, tokenizer, n, temperature, top_p, mode, score, seed, pad_id,
-            runner, think_budget, answer, answer_end, answer_ids, stop_ids,
-            logprob_temperature) -> Rollouts:
+    Runs under torch.inference_mode and returns ordinary tensors."""
     if mode not in ("direct", "reasoning"):
         raise InvalidInputError(f"mode: expected 'direct' or 'reasoning', got {mode!r}")
     if n < 1:

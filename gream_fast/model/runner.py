@@ -180,6 +180,15 @@ def rms_norm(norm, x):
     return w * F.rms_norm(x.float(), w.shape, eps=norm.variance_epsilon).to(x.dtype)
 
 
+def _concat(buf, parts):
+    """torch.cat(parts) into buf, reused when it still fits (a captured graph reads it)."""
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    if buf is None or buf.shape != shape or buf.dtype != parts[0].dtype \
+            or buf.device != parts[0].device:
+        buf = torch.empty(shape, dtype=parts[0].dtype, device=parts[0].device)
+    return torch.cat([p.detach() for p in parts], out=buf)
+
+
 class FusedProjections:
     """One decoder layer's q / k / v projections as one GEMM and gate / up as another (5 HF
     modules, 5 GEMMs, become 2: a decode step of a small model is bound by per-op cost).
@@ -192,38 +201,25 @@ class FusedProjections:
         a, mlp = layer.self_attn, layer.mlp
         self._qkv = [a.q_proj, a.k_proj, a.v_proj]
         self._gate_up = [mlp.gate_proj, mlp.up_proj]
+        self.w_qkv = self.b_qkv = self.w_gate_up = self.b_gate_up = None
         self._seen = None
         self.refresh()
 
-    def _sources(self):
-        return [t for m in self._qkv + self._gate_up for t in (m.weight, m.bias) if t is not None]
-
     def refresh(self) -> None:
-        seen = [(t.data_ptr(), t._version) for t in self._sources()]
+        mods = self._qkv + self._gate_up
+        seen = [(t.data_ptr(), t._version) for m in mods for t in (m.weight, m.bias)
+                if t is not None]
         if seen == self._seen:
             return
         # ordinary tensors even when called under inference_mode: refreshed in place later
         with torch.inference_mode(False), torch.no_grad():
-            self.w_qkv, self.b_qkv = self._cat(self._qkv, "w_qkv", "b_qkv")
-            self.w_gate_up, self.b_gate_up = self._cat(self._gate_up, "w_gate_up", "b_gate_up")
+            self.w_qkv = _concat(self.w_qkv, [m.weight for m in self._qkv])
+            self.w_gate_up = _concat(self.w_gate_up, [m.weight for m in self._gate_up])
+            if self._qkv[0].bias is not None:  # Qwen2, Llama with attention_bias
+                self.b_qkv = _concat(self.b_qkv, [m.bias for m in self._qkv])
+            if self._gate_up[0].bias is not None:  # Llama with mlp_bias
+                self.b_gate_up = _concat(self.b_gate_up, [m.bias for m in self._gate_up])
         self._seen = seen
-
-    def _cat(self, mods, w_name, b_name):
-        out = []
-        for name, parts in ((w_name, [m.weight for m in mods]),
-                            (b_name, [m.bias for m in mods] if mods[0].bias is not None else None)):
-            if parts is None:
-                out.append(None)
-                continue
-            buf = getattr(self, name, None)
-            size = sum(p.shape[0] for p in parts)
-            if (buf is None or buf.shape[0] != size or buf.dtype != parts[0].dtype
-                    or buf.device != parts[0].device):
-                buf = torch.empty((size, *parts[0].shape[1:]), dtype=parts[0].dtype,
-                                  device=parts[0].device)
-            torch.cat([p.detach() for p in parts], out=buf)
-            out.append(buf)
-        return out
 
     def qkv(self, h):
         return F.linear(h, self.w_qkv, self.b_qkv)
@@ -273,10 +269,10 @@ class DecoderRunner:
         cos, sin = self.rotary(x[None], positions[None])
         return cos[0].to(x.dtype), sin[0].to(x.dtype)
 
-    def _qkv(self, layer, h, cos, sin):
+    def _qkv(self, layer, proj, h, cos, sin):
         a = layer.self_attn
         t = h.shape[0]
-        q, k, v = self.fused(layer).qkv(h).split(self._qkv_split, -1)
+        q, k, v = proj.qkv(h).split(self._qkv_split, -1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -284,12 +280,12 @@ class DecoderRunner:
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def _block(self, layer, x, attend):
-        """One decoder layer; attend(h) -> attention output [T, Hq, D]."""
-        o = attend(rms_norm(layer.input_layernorm, x))
+    def _block(self, layer, x, cos, sin, attend):
+        """One decoder layer; attend(q, k, v) -> attention output [T, Hq, D]."""
+        proj = self.fused(layer)
+        o = attend(*self._qkv(layer, proj, rms_norm(layer.input_layernorm, x), cos, sin))
         x = x + layer.self_attn.o_proj(o.reshape(x.shape[0], -1))
-        h = rms_norm(layer.post_attention_layernorm, x)
-        gate, up = self.fused(layer).gate_up(h).chunk(2, -1)
+        gate, up = proj.gate_up(rms_norm(layer.post_attention_layernorm, x)).chunk(2, -1)
         return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def fused(self, layer) -> "FusedProjections":
@@ -316,12 +312,11 @@ class DecoderRunner:
         cos, sin = self._rope(x, positions)
         pk, pv = [], []
         for layer in self.layers:
-            def attend(h, layer=layer):
-                q, k, v = self._qkv(layer, h, cos, sin)
+            def attend(q, k, v):
                 pk.append(k)
                 pv.append(v)
                 return varlen_causal_attention(q, k, v, cu, max_len, self.scale)
-            x = self._block(layer, x, attend)
+            x = self._block(layer, x, cos, sin, attend)
         last = rms_norm(self.norm, x[cu[1:].long() - 1])
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
         _, row_prompt = group_rows(counts)
@@ -369,15 +364,14 @@ class DecoderRunner:
         plan = None if state.suffix_k.is_cuda else cpu_plan(state.prefix_cu, state.row_cu, lens,
                                                              state.prefix_k[0].dtype)
         for i, layer in enumerate(self.layers):
-            def attend(h, i=i, layer=layer):
-                q, k, v = self._qkv(layer, h, cos, sin)
+            def attend(q, k, v, i=i):
                 state.suffix_k[i].view(-1, hkv, d).index_copy_(0, write, k)
                 state.suffix_v[i].view(-1, hkv, d).index_copy_(0, write, v)
                 return shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i],
                                                state.prefix_cu, state.row_cu,
                                                state.suffix_k[i, :n, :s], state.suffix_v[i, :n, :s],
                                                lens, self.scale, check=False, cpu_plan=plan)
-            x = self._block(layer, x, attend)
+            x = self._block(layer, x, cos, sin, attend)
         return rms_norm(self.norm, x)
 
     def _graph_step(self, state: KVState, n: int) -> torch.Tensor:

@@ -101,7 +101,7 @@ def versions() -> dict:
 
     import gream_fast
 
-    return {"gream_fast": getattr(gream_fast, "__version__", "0.1.0"), "torch": torch.__version__,
+    return {"gream_fast": gream_fast.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
@@ -148,41 +148,36 @@ def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
                 return Response(status_code=499)
         return run
 
-    def outcome(status) -> None:
-        metrics.recommendations.labels(str(status)).inc()
+    async def answers(reqs) -> list:
+        """Each request's Answer or ServeError, the requests queued together (all refused
+        together: the ServeError raised), each outcome counted once."""
+        try:
+            jobs = engine.submit_all(reqs)
+            results = await asyncio.gather(*(wait_for(j) for j in jobs), return_exceptions=True)
+        except ServeError as e:
+            metrics.recommendations.labels(str(e.status)).inc(len(reqs))
+            raise
+        for res in results:
+            if isinstance(res, BaseException) and not isinstance(res, ServeError):
+                raise res
+            status = res.status if isinstance(res, ServeError) else 200
+            metrics.recommendations.labels(str(status)).inc()
+        return results
 
     @answering
     async def recommend(request, t0):
         req = parse_request(decode_json(await read_body(request, max_body_bytes)), limits)
-        try:
-            ans = await wait_for(engine.submit(req))
-        except ServeError as e:
-            outcome(e.status)
-            raise
-        outcome(200)
-        return _json(answer_json(req, ans, t0))
+        res, = await answers([req])
+        if isinstance(res, ServeError):
+            raise res
+        return _json(answer_json(req, res, t0))
 
     @answering
     async def recommend_batch(request, t0):
         reqs = parse_batch(decode_json(await read_body(request, max_body_bytes)), limits)
-        try:
-            jobs = engine.submit_all(reqs)
-        except ServeError as e:
-            for _ in reqs:
-                outcome(e.status)
-            raise
-        out = []
-        for req, res in zip(reqs, await asyncio.gather(*(wait_for(j) for j in jobs),
-                                                        return_exceptions=True)):
-            if isinstance(res, ServeError):
-                outcome(res.status)
-                out.append({"request_id": req.request_id, **res.body()})
-            elif isinstance(res, BaseException):
-                raise res
-            else:
-                outcome(200)
-                out.append(answer_json(req, res, t0))
-        return _json({"responses": out})
+        return _json({"responses": [
+            {"request_id": req.request_id, **res.body()} if isinstance(res, ServeError)
+            else answer_json(req, res, t0) for req, res in zip(reqs, await answers(reqs))]})
 
     @answering
     async def health(request, t0):

@@ -29,9 +29,7 @@ class RecommenderBackend:
         self.titles = self.model = self.runner = None
 
     def load(self) -> None:
-        from gream_fast.data.dataset import Dataset
-        from gream_fast.errors import InvalidInputError
-        from gream_fast.eval.cli import load_model
+        from gream_fast.eval.cli import item_titles, load_model
         from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
         from gream_fast.model import make_runner
         from gream_fast.model.index_record import check_pairing
@@ -42,12 +40,7 @@ class RecommenderBackend:
         check_pairing(cfg.model, index, index_name=f"--index {cfg.index}",
                       allow_mismatch=cfg.allow_index_mismatch)
         if cfg.data:
-            data = Dataset.load(cfg.data)
-            if data.num_items != index.num_items:
-                raise InvalidInputError(f"--data {cfg.data} has {data.num_items} items but "
-                                        f"--index {cfg.index} {index.num_items}: they must "
-                                        "describe the same items")
-            self.titles = [it.get("title", "") for it in data.items]
+            self.titles = item_titles(cfg.data, index, cfg.index)
         self.model, self.tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
         self.runner = make_runner(self.model)
         self.prompts, self.constraints = {}, {}

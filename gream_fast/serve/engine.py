@@ -79,6 +79,8 @@ class Engine:
         self._running = 0
         self._thread = threading.Thread(target=self._main, name="gream-engine", daemon=True)
         metrics.queue_depth.set_function(lambda: len(self._pending))
+        metrics.running.set_function(lambda: self._running)
+        metrics.graph_captures.set_function(lambda: getattr(self.backend, "graph_captures", 0))
 
     # -- the callers' side ---------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -178,7 +180,6 @@ class Engine:
                     self.state = "warming_up"
             if self.state == "warming_up":
                 self.backend.warmup()
-                self._graphs()
             with self._cond:
                 ready = self.state == "warming_up"
                 if ready:
@@ -222,7 +223,6 @@ class Engine:
             # from here a job is running: its caller can no longer cancel it
             wave = [j for j in wave if j.future.set_running_or_notify_cancel()]
             self._running = len(wave)
-            self.metrics.running.set(len(wave))
             return wave
 
     def _gather(self, key) -> list:
@@ -249,7 +249,6 @@ class Engine:
             m.batch_compute_seconds.observe(compute)
             m.batch_size.observe(len(wave))
             m.batch_rows.observe(len(wave) * r0.num_beams)
-            self._graphs()
             for i, job in enumerate(wave):
                 m.queue_wait_seconds.observe(start - job.arrival)
                 k = job.request.top_k
@@ -264,8 +263,4 @@ class Engine:
         finally:
             with self._cond:
                 self._running = 0
-                m.running.set(0)
                 self._cond.notify_all()
-
-    def _graphs(self) -> None:
-        self.metrics.graph_captures.set(getattr(self.backend, "graph_captures", 0))

@@ -27,8 +27,8 @@ def add_cli(subparsers) -> None:
 
     p.set_defaults(run=sft_main)
 
-    from gream_fast.train.srpo_loop import (CREDITS, HELP as SRPO_HELP, MODES, REWARDS,
-                                            ROLLOUTS, SRPOConfig)
+    from gream_fast.train.srpo import CREDITS, REWARDS, ROLLOUTS
+    from gream_fast.train.srpo_loop import HELP as SRPO_HELP, MODES, SRPOConfig
 
     q = stages.add_parser("srpo", help="SRPO reinforcement learning from an SFT'd model "
                                        "(METHOD.md section 5)")

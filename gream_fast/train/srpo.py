@@ -40,6 +40,27 @@ from gream_fast.train.rewards import (EXACT_REWARD, ThinkFormat, gated_sid_rewar
 from gream_fast.train.srpo_loss import SRPOLossConfig, srpo_loss
 
 
+ROLLOUTS = ("sample", "beam")
+CREDITS = ("response", "level")
+REWARDS = ("residual", "rank")
+
+
+def check_variants(cfg, flag: str = "") -> None:
+    """The rollout / credit / reward choices and the combinations they allow (flag: the
+    prefix the error names them by, "--" on the command line)."""
+    if cfg.rollout not in ROLLOUTS or (cfg.rollout == "beam" and cfg.mode != "direct"):
+        raise InvalidInputError(f"{flag}rollout: expected sample, or beam with {flag}mode "
+                                f"direct; got {cfg.rollout} with {flag}mode {cfg.mode}")
+    if cfg.credit not in CREDITS or (cfg.credit == "level" and cfg.mode != "direct"):
+        raise InvalidInputError(f"{flag}credit: expected response, or level with {flag}mode "
+                                f"direct; got {cfg.credit} with {flag}mode {cfg.mode}")
+    if cfg.reward not in REWARDS or (cfg.reward == "rank" and (
+            cfg.rollout != "beam" or cfg.credit != "response")):
+        raise InvalidInputError(f"{flag}reward: expected residual, or rank with {flag}rollout "
+                                f"beam and {flag}credit response; got {cfg.reward} with "
+                                f"{flag}rollout {cfg.rollout} and {flag}credit {cfg.credit}")
+
+
 @dataclass
 class SRPOStepConfig:
     n: int = 10  # responses per prompt
@@ -114,18 +135,6 @@ def _rollout_rewards(policy, prompts, targets, constraint, cfg, seed, tokenizer,
     if cfg.mode == "reasoning" and fmt is None:
         raise InvalidInputError("srpo_step: reasoning mode needs the ThinkFormat (fmt) of the "
                                 "tokenizer's markers")
-    if cfg.rollout not in ("sample", "beam") or (cfg.rollout == "beam" and cfg.mode != "direct"):
-        raise InvalidInputError(f"rollout: expected 'sample', or 'beam' in direct mode; got "
-                                f"{cfg.rollout!r} in {cfg.mode} mode")
-    if cfg.credit not in ("response", "level") or (cfg.credit == "level" and
-                                                    cfg.mode != "direct"):
-        raise InvalidInputError(f"credit: expected 'response', or 'level' in direct mode; got "
-                                f"{cfg.credit!r} in {cfg.mode} mode")
-    if cfg.reward not in ("residual", "rank") or (cfg.reward == "rank" and (
-            cfg.rollout != "beam" or cfg.credit != "response")):
-        raise InvalidInputError(f"reward: expected 'residual', or 'rank' with beam rollouts and "
-                                f"per-response credit; got {cfg.reward!r} with {cfg.rollout} "
-                                f"rollouts and {cfg.credit} credit")
     with phase("gream.rollout"):
         if cfg.rollout == "beam":
             roll = _beam_rollouts(policy, prompts, constraint, cfg)
@@ -196,6 +205,7 @@ def draw_groups(policy, prompts, targets, constraint, cfg: SRPOStepConfig, seed:
     (cfg.mode) needs fmt (the markers' ids) and, to find the marker in decoded text, the
     tokenizer. The responses are token lists, the rewards, matches and SID starts flat over
     the kept groups' responses in order."""
+    check_variants(cfg)
     want = cfg.groups or len(prompts)
     kept_p, kept_r, rewards, matches, starts, draws = [], [], [], [], [], 0
     first, drawn, distinct = (0.0, 0.0, 0.0), 0, 0
@@ -303,6 +313,7 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     recomputes them layer by layer in the backward). In a sharded run every rank runs as many
     mini-batches, and in each as many packs, as the rank with the most (zero-weight
     placeholders), since FSDP's collectives run per forward and backward."""
+    check_variants(cfg)
     t1 = time.perf_counter()
     logprob_fn = logprob_fn or (lambda *a: response_logprobs(policy, *a))
     dev = next(policy.parameters()).device
@@ -327,13 +338,14 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     refs, olds = [], []
     with torch.no_grad(), autocast, phase("gream.logprob_pass"):
-        for packs, _, _ in batches:
+        for i, (packs, _, _) in enumerate(batches):
             if ref_model is not None:
                 refs.append([response_logprobs(ref_model, batch, constraint, cfg.score,
                                                starts[flat]) for batch, flat, _ in packs])
-            if len(batches) > 1:  # the rollout policy's, before any update
-                olds.append([logprob_fn(batch, constraint, cfg.score, starts[flat])
-                             for batch, flat, _ in packs])
+            # the rollout policy's, before any update; the first mini-batch runs before any
+            # update, so its own pass gives them (None)
+            olds.append([logprob_fn(batch, constraint, cfg.score, starts[flat])
+                         for batch, flat, _ in packs] if i else None)
     t2 = time.perf_counter()
     totals, norms = None, []
     step_tokens = sum(tokens for _, tokens, _ in batches)
@@ -345,7 +357,7 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
             for j, (batch, flat, w) in enumerate(packs):
                 with autocast, phase("gream.logprob_pass"):
                     logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
-                old = olds[i][j] if olds else logp.detach()
+                old = olds[i][j] if olds[i] is not None else logp.detach()
                 mask = torch.full_like(logp, w, dtype=torch.bool)
                 rows = flat.to(dev)[batch.response.to(dev)]  # each token's response
                 adv = adv_tok[rows, batch.depth.to(dev)] if cfg.credit == "level" else \
@@ -361,8 +373,8 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
                                     torch.tensor(float(batch.num_tokens * w))]).double().cpu()
                 totals = part if totals is None else totals + part
         with phase("gream.optimizer"):
-            norms.append(float(distributed.local(torch.nn.utils.clip_grad_norm_(
-                policy.parameters(), cfg.clip_grad))))
+            norms.append(distributed.local(torch.nn.utils.clip_grad_norm_(
+                policy.parameters(), cfg.clip_grad)))
             optimizer.step()
     t3 = time.perf_counter()
     # sums over the ranks; the token means (loss, kl, clip fraction) are already each rank's
@@ -374,7 +386,8 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     scale = 1 / world.size
     loss_sum, *means = total[:1 + len(loss_stats)]
     neg_old, packed, reward_sum, exact, n_resp = total[1 + len(loss_stats):]
-    return {"updated": True, "loss": loss_sum * scale, "grad_norm": sum(norms) / len(norms),
+    return {"updated": True, "loss": loss_sum * scale,
+            "grad_norm": float(torch.stack(norms).mean()),
             "reward_mean": reward_sum / n_resp, "exact_rate": exact / n_resp,
             "entropy_proxy": neg_old / max(step_tokens, 1.0),
             "response_len": step_tokens / n_resp, "tokens": int(packed),
@@ -412,18 +425,22 @@ def _mini_batches(prompts, responses, cfg, constraint, empty, world):
                                                                len(prompts)))]), world, op="max"))
     bounds = torch.linspace(0, len(prompts), count + 1).round().long().tolist()
     first = [sum(len(r) for r in responses[:g]) for g in bounds]  # flat index of each start
+    batches = [[(pack_groups([prompts[a + g] for g in gs], rs), torch.tensor(flat) + f,
+                 not empty) for gs, rs, flat in split_groups(prompts[a:b], responses[a:b],
+                                                              cfg.token_budget)]
+               for a, b, f in zip(bounds, bounds[1:], first)]
+    # two collectives for all the mini-batches: the most packs of any rank, the token counts
+    most = distributed.all_reduce(torch.tensor([float(len(p)) for p in batches]), world,
+                                  op="max").long().tolist()
+    tokens = distributed.all_reduce(torch.tensor([float(sum(
+        batch.target.numel() for batch, _, w in packs if w)) for packs in batches]),
+        world).tolist()
     out = []
-    for a, b, f in zip(bounds, bounds[1:], first):
-        packs = [(pack_groups([prompts[a + g] for g in gs], rs), torch.tensor(flat) + f,
-                  not empty) for gs, rs, flat in split_groups(prompts[a:b], responses[a:b],
-                                                               cfg.token_budget)]
-        most = int(distributed.all_reduce(torch.tensor([float(len(packs))]), world, op="max"))
-        for _ in range(most - len(packs)):  # a rank with fewer packs runs zero-weight ones
+    for packs, m, t in zip(batches, most, tokens):
+        for _ in range(m - len(packs)):  # a rank with fewer packs runs zero-weight ones
             p, r, _, _ = _placeholder_group(constraint)
             packs.append((pack_groups(p, r), torch.zeros(1, dtype=torch.int64), False))
-        tokens = float(distributed.all_reduce(torch.tensor(float(sum(
-            batch.target.numel() for batch, _, w in packs if w))), world))
-        out.append((packs, tokens, max(tokens, 1.0) / world.size))
+        out.append((packs, t, max(t, 1.0) / world.size))
     return out
 
 

@@ -57,9 +57,6 @@ from gream_fast.train.sft import RUN_HELP
 
 STATE_FORMAT = "gream-fast-srpo"
 MODES = ("direct", "reasoning")
-ROLLOUTS = ("sample", "beam")
-CREDITS = ("response", "level")
-REWARDS = ("residual", "rank")
 # as SFT's (train.sft.RESUMABLE), but --model is the frozen reference: it must stay the same
 RESUMABLE = {"resume", "save_every", "keep_checkpoints", "stop_after", "device", "out", "data",
              "index", "allow_index_mismatch", "token_budget", "gradient_checkpointing"}
@@ -160,6 +157,8 @@ HELP = {
 # -- configuration ----------------------------------------------------------------------------
 def check_config(cfg: SRPOConfig) -> SRPOConfig:
     """Validate `cfg` before anything is loaded."""
+    from gream_fast.train.srpo import check_variants
+
     if cfg.mode not in MODES:
         raise InvalidInputError(f"--mode: expected one of {', '.join(MODES)}, got {cfg.mode!r}")
     for name in ("model", "data", "index", "out"):
@@ -181,17 +180,7 @@ def check_config(cfg: SRPOConfig) -> SRPOConfig:
                  positive=("lr", "temperature"))
     check_output(cfg.out, **run_folder(cfg))
     prompts_last(cfg.prompts)
-    if cfg.rollout not in ROLLOUTS or (cfg.rollout == "beam" and cfg.mode != "direct"):
-        raise InvalidInputError(f"--rollout: expected sample, or beam with --mode direct; got "
-                                f"{cfg.rollout} with --mode {cfg.mode}")
-    if cfg.credit not in CREDITS or (cfg.credit == "level" and cfg.mode != "direct"):
-        raise InvalidInputError(f"--credit: expected response, or level with --mode direct; got "
-                                f"{cfg.credit} with --mode {cfg.mode}")
-    if cfg.reward not in REWARDS or (cfg.reward == "rank" and (
-            cfg.rollout != "beam" or cfg.credit != "response")):
-        raise InvalidInputError(f"--reward: expected residual, or rank with --rollout beam and "
-                                f"--credit response; got {cfg.reward} with --rollout "
-                                f"{cfg.rollout} and --credit {cfg.credit}")
+    check_variants(cfg, "--")
     name, _, k = cfg.best_metric.partition("@")
     if name not in ("recall", "ndcg") or k not in ("1", "5", "10"):
         raise InvalidInputError(f"--best-metric: expected recall@K or ndcg@K with K in 1, 5, 10, "
