@@ -506,3 +506,65 @@ def test_engine_drains_fails_a_wave_and_reports_a_failed_load():
     with pytest.raises(ServeError) as e:
         engine.submit(req([1]))
     assert e.value.status == 503
+
+
+class Loading(Echo):
+    """Echo that loads only when told to, with what the app reads from a backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded = threading.Event()
+        self.sids, self.titles, self.fingerprint, self.device = [["<a>"]] * 100, None, "f", "cpu"
+
+    def load(self):
+        assert self.loaded.wait(30)
+
+
+def test_http_503_while_loading_and_draining_500_on_a_failed_wave():
+    """The statuses the live server above never reaches, over loopback: 503 (retryable, with
+    Retry-After) while loading and while draining, 500 (JSON) when a wave fails, and the
+    server answers again after the failure."""
+    from gream_fast.serve.app import bind, build_app, make_server, url_of
+    from gream_fast.serve.engine import Engine, EngineLimits
+    from gream_fast.serve.metrics import Metrics
+
+    backend, metrics = Loading(), Metrics()
+    engine = Engine(backend, EngineLimits(max_wait_ms=1), metrics)
+    app = build_app(engine, backend, Limits(100, 4, (4,), 20, 100, 4, 5000, 10000), metrics,
+                    4096)
+    sock = bind("127.0.0.1", 0)
+    url = url_of(sock)
+    server = make_server(engine, app, 1.0, log=lambda *a, **k: None)
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the server listens before the model is loaded
+            try:
+                status, body, _ = call(url, "GET", "/ready")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert status == 503 and body["reasons"] == ["loading"]
+        status, body, r = call(url, "POST", "/v1/recommend", {"history": [1, 2, 3, 4]})
+        assert status == 503 and body["error"]["code"] == "not_ready"
+        assert body["error"]["retryable"] and int(r.getheader("Retry-After")) >= 1
+        backend.loaded.set()
+        while engine.state != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        backend.fail_next = True
+        status, body, _ = call(url, "POST", "/v1/recommend", {"history": [1, 2, 3, 4]})
+        assert status == 500 and body["error"]["code"] == "internal"
+        status, body, _ = call(url, "POST", "/v1/recommend", {"history": [1, 2, 3, 4]})
+        assert status == 200 and [x["item"] for x in body["items"]] == [4, 3, 2, 1]
+        engine.drain()
+        status, body, _ = call(url, "GET", "/ready")
+        assert status == 503 and body["reasons"] == ["draining"]
+        status, body, _ = call(url, "POST", "/v1/recommend", {"history": [1, 2, 3, 4]})
+        assert status == 503 and body["error"]["retryable"]
+        assert metric(url, "gream_requests_total", endpoint="recommend", status="500") == 1
+    finally:
+        backend.loaded.set()
+        server.should_exit = True
