@@ -158,7 +158,9 @@ def start(root, **overrides):
 
 @pytest.fixture(scope="module")
 def live(assets):
-    url, engine, gate, server = start(assets[0])
+    # static batches (a CUDA server's default) on the CPU: the KV pool and the wave padding
+    # serve every live test; the CUDA graphs themselves are tested in test_kv_pool (on CUDA)
+    url, engine, gate, server = start(assets[0], static_batches="on", max_batch_size=8)
     yield url, engine, gate
     server.should_exit = True
 
@@ -204,6 +206,41 @@ def test_answers_equal_offline_recommend(live, assets):
             assert x["title"] == data.items[x["item"]]["title"]
         assert body["history_dropped"] == max(0, len(h) - 5)
         assert body["index"]["fingerprint"] == index.fingerprint()
+
+
+def test_static_batches_pad_waves_to_the_buckets_warmed_up(live, assets):
+    # warm-up ran one wave per batch bucket (1, 2, 4, 8 prompts) in the KV pool; a wave of 3
+    # runs padded to 4 in that bucket's state and answers as offline recommend() does
+    from gream_fast.eval.evaluate import SeqRecPrompts, build_constraint
+    from gream_fast.generate import recommend
+    from gream_fast.serve.backend import batch_buckets
+
+    url, engine, _ = live
+    root, data, index = assets
+    b = engine.backend.backend
+    assert batch_buckets(8, 1024, 4) == [1, 2, 4, 8] and batch_buckets(32, 40, 10) == [1, 2, 4]
+    assert batch_buckets(5, 1024, 2) == [1, 2, 4, 5]
+    assert sorted(b.pool.states) == [1, 2, 4, 8]
+    states, misses = dict(b.pool.states), b.pool.misses
+    histories = [[0, 3, 5], [7, 8], [1, 2, 3, 4, 5, 6, 8]]
+    status, body, _ = call(url, "POST", "/v1/recommend/batch",
+                           {"requests": [{"history": h} for h in histories]})
+    assert status == 200, body
+    prompts = SeqRecPrompts(b.tokenizer, index)
+    con = build_constraint(b.tokenizer, index, prompts, "cpu")
+    items, scores = recommend(b.model, b.tokenizer, con, [prompts(h[-5:]) for h in histories],
+                              num_beams=4, top_k=4)
+    for answer, it, sc in zip(body["responses"], items.tolist(), scores.tolist()):
+        assert answer["timing"]["batch_size"] == 3
+        assert [x["item"] for x in answer["items"]] == it
+        assert [x["score"] for x in answer["items"]] == pytest.approx(sc, abs=1e-5)
+    assert b.pool.states == states and b.pool.misses == misses  # the bucket-4 state, reused
+    pool = call(url, "GET", "/v1/info")[1]["kv_pool"]
+    assert pool["prompts"] == 8 and pool["rows"] == 1024 and pool["misses"] == misses
+    assert pool["batch_buckets"] == {"2": [1, 2, 4, 8], "4": [1, 2, 4, 8]}
+    assert pool["bytes"] == b.pool.nbytes() > 0
+    assert metric(url, "gream_cuda_graph_captures") == 0  # CPU: no graphs
+    assert metric(url, "gream_decode_eager_steps") == 0
 
 
 def test_waves_batch_concurrent_requests_and_metrics_add_up(live):

@@ -13,6 +13,9 @@ embedding, MLP) and replaces what HF's machinery costs in generation:
   positions, rope tables, the row grouping) lives in buffers sized at prefill and updated in
   place, so a step has fixed shapes for a given row count and no host sync; on CUDA the runner
   can capture it in a CUDA graph per row count and replay it (cuda_graphs=True);
+- for a server, a KVPool (reserve()): those buffers sized once for the largest batch and reused
+  by every batch that fits, so a graph captured at warm-up serves every later batch of its
+  shape (freeze() stops further captures);
 - heads: the full LM head, or only a slice of its rows (one SID level's tokens).
 Other architectures go through `HFRunner`: the HF forward, slower but correct.
 """
@@ -79,17 +82,31 @@ class KVState:
         self.prompt_lens = prompt_lens  # [B] int64
         self.suffix_k, self.suffix_v = suffix_k, suffix_v
         self.rope_cos, self.rope_sin = rope_cos, rope_sin  # [positions, D], rows by position
-        cap, dev = len(row_prompt), prompt_lens.device
-        self.num_rows = cap
-        self.steps = 0
+        cap, dev = suffix_k.shape[1], prompt_lens.device
         self.row_cu = torch.zeros(len(prompt_lens) + 1, dtype=torch.int32, device=dev)
-        self._row_prompt = row_prompt.clone()  # [capacity] int64
+        self._row_prompt = torch.zeros(cap, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(cap, dtype=torch.int64, device=dev)  # a step's inputs
         self.lens = torch.zeros(cap, dtype=torch.int32, device=dev)  # suffix entries written
-        self.start_pos = prompt_lens[row_prompt].clone()  # position of a row's first token
+        self.start_pos = torch.zeros(cap, dtype=torch.int64, device=dev)  # a row's 1st position
         # flat index of entry 0 of row r in a layer's [capacity * S, Hkv, D] suffix view
         self.slot0 = torch.arange(cap, device=dev) * suffix_k.shape[2]
         self.graphs = {}  # rows -> (CUDAGraph, its output), see DecoderRunner
+        self.pool = None  # the KVPool whose buffers these are, if any
+        self.restart(row_prompt, prefix_k[0].shape[0])
+
+    def restart(self, row_prompt, prefix_tokens: int, prefix_cu=None, prompt_lens=None) -> None:
+        """Begin a batch in these buffers: rows row_prompt (grouped by prompt), no entries yet,
+        the prompts' KV in the first prefix_tokens entries of prefix_k/v; a pooled state also
+        takes the batch's prompt offsets and lengths (same prompt count), written in place."""
+        if prefix_cu is not None:
+            self.prefix_cu.copy_(prefix_cu)
+            self.prompt_lens.copy_(prompt_lens)
+        n = len(row_prompt)
+        self.prefix_tokens = prefix_tokens
+        self._row_prompt[:n] = row_prompt
+        self.lens.zero_()
+        self.start_pos[:n] = self.prompt_lens[row_prompt]
+        self.num_rows, self.steps = n, 0
         self._regroup()
 
     @property
@@ -133,6 +150,61 @@ class KVState:
         """Forget the entries after `steps` (benchmarks repeat one step this way)."""
         self.steps = steps
         self.lens.fill_(steps)
+
+
+class KVPool:
+    """Decode buffers sized once (a server's start-up) and reused by every generation batch
+    that fits them: at most `prompts` prompts of `prompt_tokens` tokens in all, `rows` rows,
+    `suffix_capacity` generated tokens per row. A batch of B prompts always gets the same
+    KVState (one per B, its buffers views of the pool's), so the CUDA graph that state captured
+    for n rows is replayed by every later batch of B prompts and n rows, whatever its prompts
+    hold: a server captures once per (batch bucket, rows) at warm-up, never per batch.
+    One batch at a time: a pooled state is valid until the next prefill that uses the pool.
+    A batch that does not fit runs on buffers of its own (counted in `misses`)."""
+
+    def __init__(self, runner, prompts: int, prompt_tokens: int, rows: int,
+                 suffix_capacity: int):
+        if min(prompts, prompt_tokens, rows, suffix_capacity) < 1:
+            raise InvalidInputError(f"KVPool: every size must be >= 1, got prompts={prompts}, "
+                                    f"prompt_tokens={prompt_tokens}, rows={rows}, "
+                                    f"suffix_capacity={suffix_capacity}")
+        layers, hkv, d = len(runner.layers), runner.num_kv_heads, runner.head_dim
+        like = dict(dtype=runner.dtype, device=runner.device)
+        self.prompts, self.prompt_tokens, self.rows = prompts, prompt_tokens, rows
+        self.suffix_capacity = suffix_capacity
+        self.prefix_k = [torch.zeros(prompt_tokens, hkv, d, **like) for _ in range(layers)]
+        self.prefix_v = [torch.zeros(prompt_tokens, hkv, d, **like) for _ in range(layers)]
+        self.suffix_k = torch.zeros(layers, rows, suffix_capacity, hkv, d, **like)
+        self.suffix_v = torch.zeros_like(self.suffix_k)
+        # rope for every position a row can reach: a prompt is at most prompt_tokens long
+        self.rope_cos, self.rope_sin = runner._rope(
+            self.suffix_k[0, 0, 0], torch.arange(prompt_tokens + suffix_capacity,
+                                                 device=runner.device))
+        self.states = {}  # prompt count -> KVState
+        self.misses = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.prefix_k, *self.prefix_v, self.suffix_k, self.suffix_v))
+
+    def fits(self, prompts: int, prompt_tokens: int, rows: int, suffix_capacity: int) -> bool:
+        return (prompts <= self.prompts and prompt_tokens <= self.prompt_tokens
+                and rows <= self.rows and suffix_capacity <= self.suffix_capacity)
+
+    def take(self, keys, values, cu, lens, row_prompt) -> KVState:
+        """The pooled state of len(lens) prompts, restarted for this batch: its prompts' KV
+        (per layer [T, Hkv, D]) copied into the pool."""
+        t = keys[0].shape[0]
+        for pool, new in zip((*self.prefix_k, *self.prefix_v), (*keys, *values)):
+            pool[:t].copy_(new)
+        state = self.states.get(len(lens))
+        if state is None:
+            state = self.states[len(lens)] = KVState(
+                self.prefix_k, self.prefix_v, cu.clone(), lens.clone(), row_prompt,
+                self.suffix_k, self.suffix_v, self.rope_cos, self.rope_sin)
+            state.pool = self
+        state.restart(row_prompt, t, cu, lens)
+        return state
 
 
 def rotate(x, cos, sin):
@@ -253,13 +325,27 @@ class DecoderRunner:
         self.lm_head = model.get_output_embeddings()
         # replay each decode step from a CUDA graph (per state and row count); CUDA only
         self.cuda_graphs = cuda_graphs
+        self.capture = True  # False after freeze(): steps without a graph run eagerly
+        self.pool = None  # KVPool: reserve()
         self._fused = {}  # id(layer) -> FusedProjections
         self.graph_captures = 0  # CUDA graphs captured so far (a server's metric)
+        self.eager_steps = 0  # CUDA decode steps run eagerly after freeze() (no graph for them)
         self._qkv_split = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
 
     @property
     def device(self):
         return self.embed.weight.device
+
+    def reserve(self, prompts: int, prompt_tokens: int, rows: int,
+                suffix_capacity: int) -> KVPool:
+        """Allocate the KVPool that every later prefill uses when its batch fits (see KVPool)."""
+        self.pool = KVPool(self, prompts, prompt_tokens, rows, suffix_capacity)
+        return self.pool
+
+    def freeze(self) -> None:
+        """Capture no more CUDA graphs (a server after warm-up): a decode step of a shape that
+        has none runs eagerly and counts in eager_steps."""
+        self.capture = False
 
     @property
     def dtype(self):
@@ -320,6 +406,10 @@ class DecoderRunner:
         last = rms_norm(self.norm, x[cu[1:].long() - 1])
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
         _, row_prompt = group_rows(counts)
+        if self.pool is not None:
+            if self.pool.fits(len(prompts), len(ids), len(row_prompt), suffix_capacity):
+                return last, self.pool.take(pk, pv, cu, lens, row_prompt)
+            self.pool.misses += 1
         shape = (len(self.layers), len(row_prompt), suffix_capacity, self.num_kv_heads,
                  self.head_dim)
         # rope for every position a decode step can reach, looked up by position
@@ -360,14 +450,17 @@ class DecoderRunner:
         hkv, d = self.num_kv_heads, self.head_dim
         # every row holds state.steps + 1 suffix entries now: the torch path reads no more (the
         # kernel stops at each row's length itself, over shapes a CUDA graph can keep)
-        s = state.suffix_k.shape[2] if state.suffix_k.is_cuda else state.steps + 1
-        plan = None if state.suffix_k.is_cuda else cpu_plan(state.prefix_cu, state.row_cu, lens,
-                                                             state.prefix_k[0].dtype)
+        # (likewise the prompts' KV: a pool's whole buffer on CUDA, the batch's tokens here)
+        cuda = state.suffix_k.is_cuda
+        s = state.suffix_k.shape[2] if cuda else state.steps + 1
+        t = None if cuda else state.prefix_tokens
+        plan = None if cuda else cpu_plan(state.prefix_cu, state.row_cu, lens,
+                                          state.prefix_k[0].dtype)
         for i, layer in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 state.suffix_k[i].view(-1, hkv, d).index_copy_(0, write, k)
                 state.suffix_v[i].view(-1, hkv, d).index_copy_(0, write, v)
-                return shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i],
+                return shared_prefix_attention(q, state.prefix_k[i][:t], state.prefix_v[i][:t],
                                                state.prefix_cu, state.row_cu,
                                                state.suffix_k[i, :n, :s], state.suffix_v[i, :n, :s],
                                                lens, self.scale, check=False, cpu_plan=plan)
@@ -375,10 +468,15 @@ class DecoderRunner:
         return rms_norm(self.norm, x)
 
     def _graph_step(self, state: KVState, n: int) -> torch.Tensor:
-        """_step replayed from a CUDA graph captured the first time the state runs n rows. That
+        """_step replayed from a CUDA graph captured the first time the state runs n rows (with
+        a pool: only pooled states capture, and none after freeze()). That
         first step runs eagerly on a side stream (it compiles the Triton kernels and warms the
         allocator, which capture needs) and is the step's result; capture only records, so it
         leaves the state as the eager step left it."""
+        if n not in state.graphs and (not self.capture or state.pool is not self.pool):
+            # frozen, or a batch outside the pool (its graphs would die with it): eager
+            self.eager_steps += not self.capture
+            return self._step(state, n)
         if n not in state.graphs:
             side = torch.cuda.Stream(device=state.tokens.device)
             side.wait_stream(torch.cuda.current_stream())

@@ -197,7 +197,8 @@ def build_app(engine: Engine, backend, limits, metrics, max_body_bytes: int,
                       "index": {"fingerprint": getattr(backend, "fingerprint", None),
                                 "num_items": limits.num_items},
                       "limits": asdict(limits) | {"allowed_beams": list(limits.allowed_beams)},
-                      "engine": asdict(engine.limits)})
+                      "engine": asdict(engine.limits),
+                      "kv_pool": getattr(backend, "kv_pool", None)})
 
     async def prometheus(request):
         return Response(metrics.render(), media_type=metrics.content_type)

@@ -18,6 +18,7 @@ class ServeConfig:
     score: str = "full"
     max_batch_size: int = 32
     max_batch_rows: int = 1024
+    static_batches: str = "auto"
     max_wait_ms: float = 2.0
     max_queue: int = 256
     max_history: int = 20
@@ -83,7 +84,9 @@ def build_server(cfg: ServeConfig, log=print):
     backend = RecommenderBackend(BackendConfig(
         cfg.model, cfg.index, cfg.data, cfg.device, cfg.dtype, cfg.system_prompt,
         cfg.allow_index_mismatch, cfg.think_budget, cfg.think_temperature, cfg.seed,
-        warmup_beams=beams), index)
+        warmup_beams=beams, max_history=cfg.max_history, max_batch_size=cfg.max_batch_size,
+        max_batch_rows=cfg.max_batch_rows,
+        static_batches={"auto": None, "on": True, "off": False}[cfg.static_batches]), index)
     metrics = Metrics()
     engine = Engine(backend, EngineLimits(cfg.max_batch_size, cfg.max_batch_rows,
                                           cfg.max_wait_ms, cfg.max_queue), metrics)
@@ -114,7 +117,8 @@ def add_cli(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="an HTTP recommendation server (batched beam "
                                             "search, backpressure, Prometheus metrics)")
-    add_fields(p, ServeConfig, required=("model", "index"), choices={"score": ("full", "sid")},
+    add_fields(p, ServeConfig, required=("model", "index"), choices={"score": ("full", "sid"),
+                                                     "static_batches": ("auto", "on", "off")},
                help={
                    "model": "local Hugging Face causal-LM folder (a trained GREAM model)",
                    "index": "index folder or file (.index.json, .safetensors) of its items",
@@ -129,6 +133,10 @@ def add_cli(subparsers) -> None:
                    "score": "default ranking: full (as HF generate) or sid (level-normalised)",
                    "max_batch_size": "prompts per wave at most",
                    "max_batch_rows": "beam rows (prompts x beams) per wave at most",
+                   "static_batches": "a KV pool sized for the largest wave at start-up, "
+                                     "direct-mode waves padded to batch buckets, one CUDA graph "
+                                     "per (beams, bucket) captured at warm-up, none after: auto "
+                                     "(on CUDA), on, off",
                    "max_wait_ms": "how long the oldest request waits for others to join its wave",
                    "max_queue": "requests waiting at most; more get 429 + Retry-After",
                    "max_history": "history items the model sees (the last ones; longer "

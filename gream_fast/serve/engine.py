@@ -81,6 +81,7 @@ class Engine:
         metrics.queue_depth.set_function(lambda: len(self._pending))
         metrics.running.set_function(lambda: self._running)
         metrics.graph_captures.set_function(lambda: getattr(self.backend, "graph_captures", 0))
+        metrics.eager_steps.set_function(lambda: getattr(self.backend, "eager_steps", 0))
 
     # -- the callers' side ---------------------------------------------------------------------
     def start(self) -> "Engine":

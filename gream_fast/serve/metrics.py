@@ -43,7 +43,11 @@ class Metrics:
             "index (must stay 0)", registry=r)
         self.graph_captures = Gauge(
             "gream_cuda_graph_captures", "CUDA graphs captured by the decode runner so far "
-            "(0 on CPU)", registry=r)
+            "(0 on CPU; flat after warm-up with static batches)", registry=r)
+        self.eager_steps = Gauge(
+            "gream_decode_eager_steps", "Decode steps run without a CUDA graph after warm-up "
+            "(static batches on CUDA: a wave shape warm-up did not capture, a wave too large for "
+            "the KV pool, reasoning mode's thinking)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
