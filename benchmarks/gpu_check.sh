@@ -27,6 +27,8 @@ python -m pytest -m gpu -q -p no:cacheprovider $files 2>&1 | tee "$OUT/pytest-gp
 # bench_srpo (in quick.py) is the full Qwen3-0.6B, 64 x 10 case with 2 timed steps; its TRL
 # baseline runs only where trl==1.16.0 is importable (nothing is downloaded here), else ours
 # alone; bench_trl needs TRL for all of its rows.
+# bench_serve (in quick.py): `gream-fast serve` over the Qwen3-0.6B shape with static batches,
+# 10 and 50 beams, concurrency 1-32; its note says whether the CUDA graph captures stayed flat.
 python -c "import trl; print('trl', trl.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt" \
   || echo "trl not installed: bench_srpo runs without its TRL baseline" | tee -a "$OUT/gpu.txt"
 python benchmarks/quick.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
