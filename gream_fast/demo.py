@@ -1,5 +1,7 @@
-"""`gream-fast demo [--quick] [--out RUN_DIR]`: every stage on MovieLens-100K with the tiny model,
-under one run folder, ending in a report (report.json, report.md, SVG training curves).
+"""`gream-fast demo [--profile quick|default|full] [--out RUN_DIR]`: every stage on MovieLens-100K
+with the tiny model, under one run folder, ending in a report (report.json, report.md, SVG
+training curves). Profiles: quick (a smoke run, ~2 minutes), default (~10 minutes on a 2-core
+CPU), full (the settings chosen on validation users, under an hour: longer SFT, PROFILES).
 
 Stages and their outputs (a stage whose output exists is skipped, so a rerun resumes; an SFT or
 SRPO run that was cut off continues from its newest checkpoint):
@@ -11,13 +13,14 @@ SRPO run that was cut off continues from its newest checkpoint):
   popularity      popularity.json           most-interacted training items, same list for all
   sft_align       sft_align/final           SFT from --init tiny on alignment rows only
   sft_curriculum  sft_curriculum/final      continues sft_align on the curriculum rows
-  srpo            srpo/best                 direct-mode SRPO from sft_curriculum, validated every
-                                            few steps; best/ is the policy with the best valid
-                                            Recall@10, the starting one included (so SRPO never
-                                            lowers it), and it is the "srpo" model evaluated
+  srpo            srpo/final                direct-mode SRPO from sft_curriculum, validated every
+                                            few steps (the curve is in the report); its final
+                                            policy is the "srpo" model evaluated (best/, picked
+                                            on validation, would be optimistic there)
   sft_continued   sft_continued/final       the control: sft_curriculum trained on for about
                                             SRPO's wall time with SFT instead (its rows again)
-  eval            eval/*.json               test metrics of every model in both modes
+  eval            eval/*.json               validation and test metrics of every model in both
+                                            modes; per-user rankings in eval/STAGE/MODE/
 
 The SFT subset: the full task files are far too large for a CPU run (ML-100K gives ~100k
 alignment rows per pass and ~94k CoT rows), so the demo draws a seeded random subset of
@@ -44,12 +47,14 @@ KS = (1, 5, 10)
 REPORT_KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 MODEL_STAGES = ("sft_align", "sft_curriculum", "srpo", "sft_continued")
 MODES = ("direct", "reasoning")
+SPLITS = ("valid", "test")
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
     quick: bool = False
+    profile: str = "default"
     device: str = "auto"
     seed: int = 0
     # tasks: the files generated (one alignment pass, fewer fusionseqrec rows than the reference)
@@ -69,7 +74,7 @@ class DemoConfig:
     # the control: SFT steps in about the SRPO stage's wall time on a 2-core CPU (~0.2 s each)
     sft_continued_steps: int = 300
     history_loss: bool = True  # see the module docstring
-    # SRPO (direct mode), validated every srpo_eval_every steps (best/ keeps the best policy)
+    # SRPO (direct mode), validated every srpo_eval_every steps (the curve; final/ is evaluated)
     srpo_steps: int = 16
     srpo_prompts: int = 32
     srpo_n: int = 8
@@ -93,10 +98,24 @@ QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192,
              think_budget=8)
 
 
-def make_config(out: str, quick: bool = False, device: str = "auto", **over) -> DemoConfig:
-    sizes = dict(QUICK) if quick else {}
+# full: the SFT lengths chosen on validation users (benchmarks/RESULTS.md, issue 17's experiment
+# table): the default's 500 + 500 steps see ~0.3 of an epoch of each SFT file
+FULL = dict(sft_align_steps=2000, sft_curriculum_steps=4000, sft_continued_steps=300)
+PROFILES = {"quick": QUICK, "default": {}, "full": FULL}
+
+
+def make_config(out: str, quick: bool = False, device: str = "auto", profile: str | None = None,
+                **over) -> DemoConfig:
+    """The demo's settings: a profile's sizes (quick=True: the quick profile), then `over`."""
+    profile = "quick" if quick else (profile or "default")
+    if profile not in PROFILES:
+        from gream_fast.errors import InvalidInputError
+
+        raise InvalidInputError(f"--profile: expected one of {', '.join(PROFILES)}, got "
+                                f"{profile!r}")
+    sizes = dict(PROFILES[profile])
     sizes.update(over)
-    return DemoConfig(out=out, quick=quick, device=device, **sizes)
+    return DemoConfig(out=out, quick=profile == "quick", profile=profile, device=device, **sizes)
 
 
 class _Stages:
@@ -230,10 +249,10 @@ def _report_md(report: dict, plots: list) -> str:
     head = "| stage | mode | " + " | ".join(REPORT_KEYS) + " |"
     sz = report["sizes"]
     lines = ["# gream-fast demo report", "",
-             f"MovieLens-100K, tiny Qwen3 (`--init tiny`), {sz['num_beams']} beams; direct mode "
-             f"and popularity on {sz['eval_users'] or 'all'} test users, reasoning mode on the "
-             f"first {sz['reasoning_users'] or 'all'} (think budget {sz['think_budget']} "
-             "tokens)"
+             f"MovieLens-100K, tiny Qwen3 (`--init tiny`), profile {sz['profile']}, "
+             f"{sz['num_beams']} beams; direct mode and popularity on "
+             f"{sz['eval_users'] or 'all'} test users, reasoning mode on the first "
+             f"{sz['reasoning_users'] or 'all'} (think budget {sz['think_budget']} tokens)"
              + (" (--quick: a smoke run, numbers are noise)" if report["sizes"]["quick"] else "")
              + ".", "", head, "|" + "---|" * (len(REPORT_KEYS) + 2)]
     lines.append("| popularity | - | " + " | ".join(f"{st['popularity'][k]:.4f}"
@@ -242,28 +261,32 @@ def _report_md(report: dict, plots: list) -> str:
         for mode in MODES:
             lines.append(f"| {name} | {mode} | "
                          + " | ".join(f"{st[name][mode][k]:.4f}" for k in REPORT_KEYS) + " |")
+    lines += ["", "Validation users (the split settings are chosen on), recall@10:", "",
+              "| stage | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
+    for name in MODEL_STAGES:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{report['stages_valid'][name][mode]['recall@10']:.4f}" for mode in MODES) + " |")
     pop, final = st["popularity"]["recall@10"], st["srpo"]["direct"]["recall@10"]
     lines += ["", f"SRPO (direct) against popularity, test Recall@10: {final:.4f} vs {pop:.4f}: "
               + ("beats it." if final > pop else "does NOT beat it.")]
     v = report["srpo_validation"]
-    verdict = ("not lowered" if v["after"] >= v["before"] else "LOWERED")
     curve = ", ".join(f"step {s}: {r:.4f}" for s, r in v["curve"])
-    kept = (f"the policy after step {v['best_step']}" if v["best_step"] else
-            "the starting SFT model itself: no SRPO step raised validation Recall@10")
+    best = (f"step {v['best_step']} ({v['after']:.4f})" if v["best_step"] else
+            "step 0, the starting SFT model itself: no SRPO step raised it")
     lines += ["", "## What SRPO changed", "",
               f"SRPO ran {sz['srpo_steps']} steps of {sz['srpo_prompts']} prompts x "
               f"{sz['srpo_n']} rollouts (direct mode), validated every {sz['srpo_eval_every']} "
-              f"steps on {v['users']} validation users (Recall@10, direct mode): {curve}. "
-              f"The `srpo` rows are its best/ policy, {kept}: validation Recall@10 "
-              f"{v['before']:.4f} (sft_curriculum) -> {v['after']:.4f} (srpo), {verdict}. "
-              f"Test Recall@10 (direct): {st['sft_curriculum']['direct']['recall@10']:.4f} -> "
-              f"{st['srpo']['direct']['recall@10']:.4f}.", ""]
+              f"steps on {v['users']} validation users (Recall@10, direct mode): {curve}; the "
+              f"best was {best}. The `srpo` rows are its final policy (the best on validation "
+              "would be an optimistic pick). Test Recall@10 (direct): "
+              f"{st['sft_curriculum']['direct']['recall@10']:.4f} (sft_curriculum) -> "
+              f"{st['srpo']['direct']['recall@10']:.4f} (srpo).", ""]
     for other, what in (("sft_curriculum", "its start"),
                         ("sft_continued", f"the control: {sz['sft_continued_steps']} more SFT "
                                           "steps from the same start, about SRPO's wall time")):
-        lines += [f"Paired on the same test users, srpo - {other} ({what}; per-user "
-                  "difference, percentile-bootstrap 95% interval over users; an interval that "
-                  "holds 0 is no evidence either way):", ""]
+        lines += [f"Paired on the same users, validation and test pooled by user, srpo - {other} "
+                  f"({what}; per-user difference, percentile-bootstrap 95% interval over users; "
+                  "an interval that holds 0 is no evidence either way):", ""]
         for mode, c in report[f"srpo_vs_{other}"].items():
             for metric in ("recall@10", "ndcg@10"):
                 d = c["diff"][metric]
@@ -287,7 +310,7 @@ def run(cfg: DemoConfig) -> dict:
     align, reason = run_dir / "align.jsonl", run_dir / "reason.jsonl"
     sft_a, sft_c = run_dir / "sft_align.jsonl", run_dir / "sft_curriculum.jsonl"
     stage = _Stages(run_dir)
-    print(f"[demo] run folder {run_dir} ({'quick' if cfg.quick else 'full'})", flush=True)
+    print(f"[demo] run folder {run_dir} (profile {cfg.profile})", flush=True)
 
     def data_stage():
         from gream_fast.data.prepare import PrepareConfig, run as prepare
@@ -384,15 +407,16 @@ def run(cfg: DemoConfig) -> dict:
           sft(runs["sft_continued"], sft_c, cfg.sft_continued_steps,
               model=str(runs["sft_curriculum"] / "final")))
     models = {"sft_align": runs["sft_align"] / "final",
-              "sft_curriculum": runs["sft_curriculum"] / "final", "srpo": runs["srpo"] / "best",
+              "sft_curriculum": runs["sft_curriculum"] / "final", "srpo": runs["srpo"] / "final",
               "sft_continued": runs["sft_continued"] / "final"}
 
-    # -- evaluation: every (model, mode) on the same test users
+    # -- evaluation: every (model, mode) on the same validation and test users
     from gream_fast.tasks.context import load_index
 
     eval_dir = run_dir / "eval"
     sem_index = load_index(index)
-    jobs = [(name, mode, "test") for name in MODEL_STAGES for mode in MODES]
+    jobs = [(name, mode, split) for name in MODEL_STAGES for mode in MODES
+            for split in SPLITS]
     results = {}
     for name in MODEL_STAGES:
         mine = [j for j in jobs if j[0] == name]
@@ -429,21 +453,25 @@ def run(cfg: DemoConfig) -> dict:
     stages = {"popularity": pick(pop)}
     for name in MODEL_STAGES:
         stages[name] = {mode: pick(results[(name, mode, "test")]) for mode in MODES}
+    stages_valid = {name: {mode: pick(results[(name, mode, "valid")]) for mode in MODES}
+                    for name in MODEL_STAGES}
     sizes = asdict(cfg)
     curriculum_rows = len(read_jsonl(sft_c))
     sft_rows = {"sft_align": len(read_jsonl(sft_a)), "sft_curriculum": curriculum_rows,
                 "sft_continued": curriculum_rows}
     valid = [m for m in _metrics(runs["srpo"] / "metrics.jsonl") if "valid_recall@10" in m]
     chosen = json.loads((runs["srpo"] / "best" / "best.json").read_text())
-    # the paired comparisons of SRPO with its start and with the control on the same test
-    # users (compare: the bootstrap interval of the per-user Recall@10 / NDCG@10 difference)
+    # the paired comparisons of SRPO with its start and with the control on the same users,
+    # validation and test pooled by user (compare: the bootstrap interval of the per-user
+    # Recall@10 / NDCG@10 difference)
     from gream_fast.eval.compare import compare
 
     def paired(other):
         return {mode: compare([ranking_file(eval_dir, "srpo", mode, "test").parent],
                               [ranking_file(eval_dir, other, mode, "test").parent],
-                              k=10, splits=["test"], seed=cfg.seed) for mode in MODES}
-    report = {"stages": stages, "srpo_vs_sft_curriculum": paired("sft_curriculum"),
+                              k=10, splits=SPLITS, seed=cfg.seed) for mode in MODES}
+    report = {"stages": stages, "stages_valid": stages_valid,
+              "srpo_vs_sft_curriculum": paired("sft_curriculum"),
               "srpo_vs_sft_continued": paired("sft_continued"),
               "srpo_validation": {
                   "metric": "recall@10", "mode": "direct", "users": cfg.eval_users or "all",
@@ -463,12 +491,15 @@ def run(cfg: DemoConfig) -> dict:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="every stage on MovieLens-100K with the tiny model, "
                                            "then a report (markdown, JSON, SVG curves)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a ~2-minute smoke run")
+    p.add_argument("--profile", choices=tuple(PROFILES), default="default",
+                   help="quick: a ~2-minute smoke run; default: ~10 minutes on a 2-core CPU; "
+                        "full: the settings chosen on validation users, under an hour")
+    p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes it)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
 
     def go(args):
-        run(make_config(args.out, args.quick, args.device))
+        run(make_config(args.out, args.quick, args.device, profile=args.profile))
 
     p.set_defaults(run=go)
 

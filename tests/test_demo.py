@@ -38,18 +38,24 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
     # every evaluated model keeps its per-user rankings; the report pairs srpo with its start
     from gream_fast.demo import ranking_file
 
+    valid = report["stages_valid"]
     for name in MODEL_STAGES:
         for mode in MODES:
-            assert ranking_file(out / "eval", name, mode, "test").is_file()
+            _check_metrics(valid[name][mode])
+            for split in ("valid", "test"):
+                assert ranking_file(out / "eval", name, mode, split).is_file()
     for other in ("sft_curriculum", "sft_continued"):  # its start, and the SFT control
         for mode in MODES:
             c = report[f"srpo_vs_{other}"][mode]
             d = c["diff"]["recall@10"]
             assert c["users"] > 0 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
-            assert d["mean"] == pytest.approx(stages["srpo"][mode]["recall@10"]
-                                              - stages[other][mode]["recall@10"])
+            # the same users in both splits: pooled by user = the mean of the two splits'
+            assert d["mean"] == pytest.approx(sum(
+                (table["srpo"][mode]["recall@10"] - table[other][mode]["recall@10"]) / 2
+                for table in (stages, valid)))
     md = (out / "report.md").read_text()
     assert "srpo - sft_curriculum" in md and "srpo - sft_continued" in md
+    assert "validation and test pooled by user" in md and "profile quick" in md
     for svg in ("sft_loss.svg", "srpo_reward.svg", "srpo_valid.svg"):
         assert (out / svg).read_text().startswith("<svg") and svg in md
     assert "popularity" in md and "srpo" in md
