@@ -25,7 +25,7 @@ def test_pooled_decode_equals_unpooled_through_reorder_and_select():
     # objects at the same addresses for both batches.
     model = tiny("qwen3", seed=11)
     plain, pooled = DecoderRunner(model), DecoderRunner(model)
-    pool = pooled.reserve(prompts=4, prompt_tokens=64, rows=12, suffix_capacity=6)
+    pool = pooled.reserve(prompts=4, prompt_len=20, rows=12, suffix_capacity=6)
     seen = []
     for seed in (1, 2):
         prompts = random_prompts(3, seed=seed, lo=3, hi=20)
@@ -54,7 +54,7 @@ def test_pool_serves_beam_search_and_sampling_of_any_batch_that_fits(torch_kerne
     model = tiny("qwen2", seed=12)
     constraint = make_constraint(seed=3)
     plain, pooled = DecoderRunner(model), DecoderRunner(model)
-    pool = pooled.reserve(prompts=4, prompt_tokens=48, rows=20, suffix_capacity=constraint.max_len)
+    pool = pooled.reserve(prompts=4, prompt_len=12, rows=20, suffix_capacity=constraint.max_len)
     for b, seed in ((4, 5), (1, 6), (4, 7), (2, 8)):
         prompts = random_prompts(b, seed=seed)
         ours = beam_search(pooled, prompts, constraint, num_beams=5, top_k=5)
@@ -74,9 +74,9 @@ def test_batch_that_does_not_fit_runs_on_its_own_buffers(torch_kernels):
     model = tiny("llama", seed=13)
     constraint = make_constraint(seed=4)
     plain, pooled = DecoderRunner(model), DecoderRunner(model)
-    pool = pooled.reserve(prompts=2, prompt_tokens=30, rows=10, suffix_capacity=constraint.max_len)
+    pool = pooled.reserve(prompts=2, prompt_len=12, rows=10, suffix_capacity=constraint.max_len)
     too_many = random_prompts(3, seed=10)  # 3 prompts > 2
-    too_long = [list(range(3, 40))]  # 37 tokens > 30
+    too_long = [list(range(3, 16))]  # 13 tokens > 12
     for prompts, beams in ((too_many, 3), (too_long, 5), (random_prompts(1, seed=11), 12)):
         ours = beam_search(pooled, prompts, constraint, num_beams=beams, top_k=3)
         ref = beam_search(plain, prompts, constraint, num_beams=beams, top_k=3)
@@ -84,8 +84,8 @@ def test_batch_that_does_not_fit_runs_on_its_own_buffers(torch_kernels):
     assert pool.misses == 3 and not pool.states
     _, state = pooled.prefill(random_prompts(2, seed=12), 5, constraint.max_len)
     assert state is pool.states[2] and pool.misses == 3
-    with pytest.raises(InvalidInputError, match="prompt_tokens=0"):
-        pooled.reserve(prompts=2, prompt_tokens=0, rows=10, suffix_capacity=4)
+    with pytest.raises(InvalidInputError, match="prompt_len=0"):
+        pooled.reserve(prompts=2, prompt_len=0, rows=10, suffix_capacity=4)
 
 
 @pytest.mark.gpu
@@ -97,7 +97,7 @@ def test_cuda_graphs_captured_at_warm_up_replay_for_later_batches():
     model = tiny("qwen3", seed=14).cuda()
     constraint = make_constraint(seed=5).to("cuda")
     eager, graphs = DecoderRunner(model), DecoderRunner(model, cuda_graphs=True)
-    graphs.reserve(prompts=4, prompt_tokens=256, rows=4 * 5, suffix_capacity=constraint.max_len)
+    graphs.reserve(prompts=4, prompt_len=60, rows=4 * 5, suffix_capacity=constraint.max_len)
     for b in (1, 2, 4):
         beam_search(graphs, random_prompts(b, seed=b, lo=5, hi=60), constraint, 5, 5)
     captured = graphs.graph_captures

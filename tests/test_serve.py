@@ -220,7 +220,7 @@ def test_static_batches_pad_waves_to_the_buckets_warmed_up(live, assets):
     b = engine.backend.backend
     assert batch_buckets(8, 1024, 4) == [1, 2, 4, 8] and batch_buckets(32, 40, 10) == [1, 2, 4]
     assert batch_buckets(5, 1024, 2) == [1, 2, 4, 5]
-    assert sorted(b.pool.states) == [1, 2, 4, 8]
+    assert sorted(b.pool.states) == [1, 2, 4, 8]  # reasoning waves run outside the pool
     states, misses = dict(b.pool.states), b.pool.misses
     histories = [[0, 3, 5], [7, 8], [1, 2, 3, 4, 5, 6, 8]]
     status, body, _ = call(url, "POST", "/v1/recommend/batch",
@@ -236,7 +236,9 @@ def test_static_batches_pad_waves_to_the_buckets_warmed_up(live, assets):
         assert [x["score"] for x in answer["items"]] == pytest.approx(sc, abs=1e-5)
     assert b.pool.states == states and b.pool.misses == misses  # the bucket-4 state, reused
     pool = call(url, "GET", "/v1/info")[1]["kv_pool"]
-    assert pool["prompts"] == 8 and pool["rows"] == 1024 and pool["misses"] == misses
+    assert pool["prompts"] == 8 and pool["rows"] == 1024 and pool["misses"] == misses == 0
+    assert pool["prompt_len"] == b.longest_prompt() >= len(b.tokenizer(
+        prompts(histories[2][-5:]), add_special_tokens=False)["input_ids"])
     assert pool["batch_buckets"] == {"2": [1, 2, 4, 8], "4": [1, 2, 4, 8]}
     assert pool["bytes"] == b.pool.nbytes() > 0
     assert metric(url, "gream_cuda_graph_captures") == 0  # CPU: no graphs

@@ -19,6 +19,7 @@ embedding, MLP) and replaces what HF's machinery costs in generation:
 - heads: the full LM head, or only a slice of its rows (one SID level's tokens).
 Other architectures go through `HFRunner`: the HF forward, slower but correct.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -154,31 +155,32 @@ class KVState:
 
 class KVPool:
     """Decode buffers sized once (a server's start-up) and reused by every generation batch
-    that fits them: at most `prompts` prompts of `prompt_tokens` tokens in all, `rows` rows,
+    that fits them: at most `prompts` prompts of at most `prompt_len` tokens each, `rows` rows,
     `suffix_capacity` generated tokens per row. A batch of B prompts always gets the same
-    KVState (one per B, its buffers views of the pool's), so the CUDA graph that state captured
-    for n rows is replayed by every later batch of B prompts and n rows, whatever its prompts
-    hold: a server captures once per (batch bucket, rows) at warm-up, never per batch.
-    One batch at a time: a pooled state is valid until the next prefill that uses the pool.
-    A batch that does not fit runs on buffers of its own (counted in `misses`)."""
+    KVState (one per B, its buffers views of the pool's, the prompts' KV the first B x
+    prompt_len entries), so the CUDA graph that state captured for n rows is replayed by every
+    later batch of B prompts and n rows, whatever its prompts hold: a server captures once per
+    (batch bucket, rows) at warm-up, never per batch. One batch at a time: a pooled state is
+    valid until the next prefill that uses the pool. A batch that does not fit runs on buffers
+    of its own (counted in `misses`)."""
 
-    def __init__(self, runner, prompts: int, prompt_tokens: int, rows: int,
-                 suffix_capacity: int):
-        if min(prompts, prompt_tokens, rows, suffix_capacity) < 1:
+    def __init__(self, runner, prompts: int, prompt_len: int, rows: int, suffix_capacity: int):
+        if min(prompts, prompt_len, rows, suffix_capacity) < 1:
             raise InvalidInputError(f"KVPool: every size must be >= 1, got prompts={prompts}, "
-                                    f"prompt_tokens={prompt_tokens}, rows={rows}, "
+                                    f"prompt_len={prompt_len}, rows={rows}, "
                                     f"suffix_capacity={suffix_capacity}")
         layers, hkv, d = len(runner.layers), runner.num_kv_heads, runner.head_dim
         like = dict(dtype=runner.dtype, device=runner.device)
-        self.prompts, self.prompt_tokens, self.rows = prompts, prompt_tokens, rows
+        self.prompts, self.prompt_len, self.rows = prompts, prompt_len, rows
         self.suffix_capacity = suffix_capacity
-        self.prefix_k = [torch.zeros(prompt_tokens, hkv, d, **like) for _ in range(layers)]
-        self.prefix_v = [torch.zeros(prompt_tokens, hkv, d, **like) for _ in range(layers)]
+        tokens = prompts * prompt_len
+        self.prefix_k = [torch.zeros(tokens, hkv, d, **like) for _ in range(layers)]
+        self.prefix_v = [torch.zeros(tokens, hkv, d, **like) for _ in range(layers)]
         self.suffix_k = torch.zeros(layers, rows, suffix_capacity, hkv, d, **like)
         self.suffix_v = torch.zeros_like(self.suffix_k)
-        # rope for every position a row can reach: a prompt is at most prompt_tokens long
+        # rope for every position a row can reach
         self.rope_cos, self.rope_sin = runner._rope(
-            self.suffix_k[0, 0, 0], torch.arange(prompt_tokens + suffix_capacity,
+            self.suffix_k[0, 0, 0], torch.arange(prompt_len + suffix_capacity,
                                                  device=runner.device))
         self.states = {}  # prompt count -> KVState
         self.misses = 0
@@ -187,21 +189,23 @@ class KVPool:
         return sum(t.numel() * t.element_size()
                    for t in (*self.prefix_k, *self.prefix_v, self.suffix_k, self.suffix_v))
 
-    def fits(self, prompts: int, prompt_tokens: int, rows: int, suffix_capacity: int) -> bool:
-        return (prompts <= self.prompts and prompt_tokens <= self.prompt_tokens
+    def fits(self, prompts: int, longest: int, rows: int, suffix_capacity: int) -> bool:
+        return (prompts <= self.prompts and longest <= self.prompt_len
                 and rows <= self.rows and suffix_capacity <= self.suffix_capacity)
 
     def take(self, keys, values, cu, lens, row_prompt) -> KVState:
         """The pooled state of len(lens) prompts, restarted for this batch: its prompts' KV
         (per layer [T, Hkv, D]) copied into the pool."""
-        t = keys[0].shape[0]
+        t, b = keys[0].shape[0], len(lens)
         for pool, new in zip((*self.prefix_k, *self.prefix_v), (*keys, *values)):
             pool[:t].copy_(new)
-        state = self.states.get(len(lens))
-        if state is None:
-            state = self.states[len(lens)] = KVState(
-                self.prefix_k, self.prefix_v, cu.clone(), lens.clone(), row_prompt,
-                self.suffix_k, self.suffix_v, self.rope_cos, self.rope_sin)
+        state = self.states.get(b)
+        if state is None:  # its prompts' KV: views as long as b prompts of prompt_len can be
+            end = b * self.prompt_len
+            state = self.states[b] = KVState(
+                [k[:end] for k in self.prefix_k], [v[:end] for v in self.prefix_v], cu.clone(),
+                lens.clone(), row_prompt, self.suffix_k, self.suffix_v, self.rope_cos,
+                self.rope_sin)
             state.pool = self
         state.restart(row_prompt, t, cu, lens)
         return state
@@ -329,23 +333,34 @@ class DecoderRunner:
         self.pool = None  # KVPool: reserve()
         self._fused = {}  # id(layer) -> FusedProjections
         self.graph_captures = 0  # CUDA graphs captured so far (a server's metric)
-        self.eager_steps = 0  # CUDA decode steps run eagerly after freeze() (no graph for them)
+        self.eager_steps = 0  # CUDA decode steps that found no graph and could not capture one
         self._qkv_split = [self.num_heads * self.head_dim] + 2 * [self.num_kv_heads * self.head_dim]
 
     @property
     def device(self):
         return self.embed.weight.device
 
-    def reserve(self, prompts: int, prompt_tokens: int, rows: int,
+    def reserve(self, prompts: int, prompt_len: int, rows: int,
                 suffix_capacity: int) -> KVPool:
         """Allocate the KVPool that every later prefill uses when its batch fits (see KVPool)."""
-        self.pool = KVPool(self, prompts, prompt_tokens, rows, suffix_capacity)
+        self.pool = KVPool(self, prompts, prompt_len, rows, suffix_capacity)
         return self.pool
 
     def freeze(self) -> None:
         """Capture no more CUDA graphs (a server after warm-up): a decode step of a shape that
         has none runs eagerly and counts in eager_steps."""
         self.capture = False
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Within: no pool and no CUDA graphs (work of shapes a server does not plan for, such
+        as reasoning mode's thinking, where rows leave one by one)."""
+        saved = self.pool, self.cuda_graphs
+        self.pool, self.cuda_graphs = None, False
+        try:
+            yield self
+        finally:
+            self.pool, self.cuda_graphs = saved
 
     @property
     def dtype(self):
@@ -407,7 +422,7 @@ class DecoderRunner:
         counts = torch.as_tensor(rows_per_prompt, device=self.device).long().expand(len(prompts))
         _, row_prompt = group_rows(counts)
         if self.pool is not None:
-            if self.pool.fits(len(prompts), len(ids), len(row_prompt), suffix_capacity):
+            if self.pool.fits(len(prompts), max_len, len(row_prompt), suffix_capacity):
                 return last, self.pool.take(pk, pv, cu, lens, row_prompt)
             self.pool.misses += 1
         shape = (len(self.layers), len(row_prompt), suffix_capacity, self.num_kv_heads,
@@ -475,7 +490,7 @@ class DecoderRunner:
         leaves the state as the eager step left it."""
         if n not in state.graphs and (not self.capture or state.pool is not self.pool):
             # frozen, or a batch outside the pool (its graphs would die with it): eager
-            self.eager_steps += not self.capture
+            self.eager_steps += 1
             return self._step(state, n)
         if n not in state.graphs:
             side = torch.cuda.Stream(device=state.tokens.device)

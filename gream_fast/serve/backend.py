@@ -6,9 +6,11 @@ engine forms (--max-batch-size prompts of --max-history items, --max-batch-rows 
 direct-mode waves padded to a batch bucket (powers of two up to the limits) by repeating a
 history, and one CUDA graph per (beams, bucket) captured at warm-up; after warm-up the runner
 captures nothing more (the captures gauge stays flat): a shape without a graph runs eagerly and
-counts in gream_decode_eager_steps. Reasoning-mode waves think on buffers of their own,
-eagerly.
+counts in gream_decode_eager_steps. Reasoning-mode waves (thinking, then the answer) run outside
+the pool, eagerly: rows leave one by one as they finish, shapes no warm-up could cover.
 """
+import contextlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,13 +80,12 @@ class RecommenderBackend:
         self.sids = [list(index.sid(i)) for i in range(index.num_items)]
         self.pool = None
         if static and hasattr(self.runner, "reserve"):  # HFRunner: no static decode step
-            self.pool = self.runner.reserve(cfg.max_batch_size,
-                                            cfg.max_batch_size * self.longest_prompt(),
+            self.pool = self.runner.reserve(cfg.max_batch_size, self.longest_prompt(),
                                             cfg.max_batch_rows, self.constraints["direct"].max_len)
 
     def longest_prompt(self) -> int:
         """Tokens of the longest direct-mode prompt: a full window of the item with the most
-        SID tokens (a longer real one only makes its wave run on buffers of its own)."""
+        SID tokens (a longer real one only makes its wave run outside the pool, eagerly)."""
         from gream_fast.generate.recommend import encode_prompts
 
         item = max(range(len(self.sids)), key=lambda i: len(self.sids[i]))
@@ -116,7 +117,7 @@ class RecommenderBackend:
         """What /v1/info says of the KV pool (None without static batches)."""
         pool = self.pool
         return None if pool is None else {
-            "bytes": pool.nbytes(), "prompts": pool.prompts, "prompt_tokens": pool.prompt_tokens,
+            "bytes": pool.nbytes(), "prompts": pool.prompts, "prompt_len": pool.prompt_len,
             "rows": pool.rows, "suffix_capacity": pool.suffix_capacity, "misses": pool.misses,
             "batch_buckets": {b: batch_buckets(self.cfg.max_batch_size, self.cfg.max_batch_rows, b)
                               for b in self.cfg.warmup_beams}}
@@ -141,14 +142,18 @@ class RecommenderBackend:
                 cfg = self.cfg
                 sizes = batch_buckets(cfg.max_batch_size, cfg.max_batch_rows, num_beams)
                 texts += texts[-1:] * (next((s for s in sizes if s >= b), b) - b)
+            # with the pool: one beam search per wave (the pool holds its KV already; a wave
+            # split by free memory would run shapes warm-up never captured)
             items, scores = recommend(self.model, self.tokenizer, con, texts,
                                       num_beams=num_beams, top_k=num_beams, score=score,
-                                      runner=self.runner)
+                                      runner=self.runner,
+                                      memory_budget=None if self.pool is None else sys.maxsize)
             items, scores = items[:b], scores[:b]
         else:
-            res = reason_and_recommend(self.model, self.tokenizer, con, texts,
-                                       self.cfg.think_budget, self.cfg.think_temperature, 1.0,
-                                       num_beams, num_beams, score, self.cfg.seed,
-                                       runner=self.runner, end_token_id=con.eos_token_id)
+            with self.runner.eager() if self.pool is not None else contextlib.nullcontext():
+                res = reason_and_recommend(self.model, self.tokenizer, con, texts,
+                                           self.cfg.think_budget, self.cfg.think_temperature,
+                                           1.0, num_beams, num_beams, score, self.cfg.seed,
+                                           runner=self.runner, end_token_id=con.eos_token_id)
             items, scores = res.items, res.scores
         return items.cpu().numpy(), scores.float().cpu().numpy().astype(np.float64)

@@ -45,9 +45,9 @@ class Metrics:
             "gream_cuda_graph_captures", "CUDA graphs captured by the decode runner so far "
             "(0 on CPU; flat after warm-up with static batches)", registry=r)
         self.eager_steps = Gauge(
-            "gream_decode_eager_steps", "Decode steps run without a CUDA graph after warm-up "
-            "(static batches on CUDA: a wave shape warm-up did not capture, a wave too large for "
-            "the KV pool, reasoning mode's thinking)", registry=r)
+            "gream_decode_eager_steps", "Direct-mode decode steps that found no CUDA graph and "
+            "could not capture one (static batches on CUDA: a wave shape warm-up did not "
+            "capture, a wave outside the KV pool); 0 on CPU", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
