@@ -98,9 +98,12 @@ QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192,
              think_budget=8)
 
 
-# full: the SFT lengths chosen on validation users (benchmarks/RESULTS.md, issue 17's experiment
-# table): the default's 500 + 500 steps see ~0.3 of an epoch of each SFT file
-FULL = dict(sft_align_steps=2000, sft_curriculum_steps=4000, sft_continued_steps=300)
+# full: the SFT length chosen on validation users (benchmarks/RESULTS.md, 2026-12-07): the
+# default's 500 curriculum steps see ~1/4 of an epoch of sft_curriculum.jsonl; one epoch (2,000
+# steps) raised validation Recall@10 from 0.097 to 0.116, two epochs (0.110) and 2,000 alignment
+# steps before it (0.115) did not add to that. SRPO twice as long, the control matched to it.
+FULL = dict(sft_curriculum_steps=2000, srpo_steps=32, srpo_eval_every=8,
+            sft_continued_steps=500)
 PROFILES = {"quick": QUICK, "default": {}, "full": FULL}
 
 
