@@ -101,9 +101,10 @@ QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192,
 # full: the SFT length chosen on validation users (benchmarks/RESULTS.md, 2026-12-07): the
 # default's 500 curriculum steps see ~1/4 of an epoch of sft_curriculum.jsonl; one epoch (2,000
 # steps) raised validation Recall@10 from 0.097 to 0.116, two epochs (0.110) and 2,000 alignment
-# steps before it (0.115) did not add to that. SRPO twice as long, the control matched to it.
+# steps before it (0.115) did not add to that; the same model's top 10 of a 20-beam search
+# (SRPO's validation) scored 0.124. SRPO twice as long, the control matched to it.
 FULL = dict(sft_curriculum_steps=2000, srpo_steps=32, srpo_eval_every=8,
-            sft_continued_steps=500)
+            sft_continued_steps=500, num_beams=20)
 PROFILES = {"quick": QUICK, "default": {}, "full": FULL}
 
 
@@ -279,7 +280,8 @@ def _report_md(report: dict, plots: list) -> str:
     lines += ["", "## What SRPO changed", "",
               f"SRPO ran {sz['srpo_steps']} steps of {sz['srpo_prompts']} prompts x "
               f"{sz['srpo_n']} rollouts (direct mode), validated every {sz['srpo_eval_every']} "
-              f"steps on {v['users']} validation users (Recall@10, direct mode): {curve}; the "
+              f"steps on {v['users']} validation users (Recall@10 of 20 beams, direct mode): "
+              f"{curve}; the "
               f"best was {best}. The `srpo` rows are its final policy (the best on validation "
               "would be an optimistic pick). Test Recall@10 (direct): "
               f"{st['sft_curriculum']['direct']['recall@10']:.4f} (sft_curriculum) -> "
