@@ -47,6 +47,7 @@ def build_assets(root: Path, items: int, shape, size: str):
     """root/data (synthetic catalogue), root/index (random codes), root/model (random weights)."""
     import numpy as np
 
+    from gream_fast.data import Dataset
     from gream_fast.data.prepare import prepare, write
     from gream_fast.data.synth import SynthConfig, synthesize
     from gream_fast.index import SemanticIndex
@@ -54,8 +55,6 @@ def build_assets(root: Path, items: int, shape, size: str):
 
     write(prepare(synthesize(SynthConfig(users=max(200, items // 4), items=items,
                                          mean_length=24, seed=0)), k_core=5), root / "data")
-    from gream_fast.data import Dataset
-
     n = Dataset.load(root / "data").num_items
     index = SemanticIndex.from_codes(np.random.default_rng(0).integers(0, 32, (n, 3)), 32)
     (root / "index").mkdir()

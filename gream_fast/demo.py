@@ -53,8 +53,7 @@ SPLITS = ("valid", "test")
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    quick: bool = False
-    profile: str = "default"
+    profile: str = "default"  # PROFILES: the sizes make_config starts from
     device: str = "auto"
     seed: int = 0
     # tasks: the files generated (one alignment pass, fewer fusionseqrec rows than the reference)
@@ -119,7 +118,7 @@ def make_config(out: str, quick: bool = False, device: str = "auto", profile: st
                                 f"{profile!r}")
     sizes = dict(PROFILES[profile])
     sizes.update(over)
-    return DemoConfig(out=out, quick=profile == "quick", profile=profile, device=device, **sizes)
+    return DemoConfig(out=out, profile=profile, device=device, **sizes)
 
 
 class _Stages:
@@ -257,7 +256,7 @@ def _report_md(report: dict, plots: list) -> str:
              f"{sz['num_beams']} beams; direct mode and popularity on "
              f"{sz['eval_users'] or 'all'} test users, reasoning mode on the first "
              f"{sz['reasoning_users'] or 'all'} (think budget {sz['think_budget']} tokens)"
-             + (" (--quick: a smoke run, numbers are noise)" if report["sizes"]["quick"] else "")
+             + (" (--quick: a smoke run, numbers are noise)" if sz["profile"] == "quick" else "")
              + ".", "", head, "|" + "---|" * (len(REPORT_KEYS) + 2)]
     lines.append("| popularity | - | " + " | ".join(f"{st['popularity'][k]:.4f}"
                                                    for k in REPORT_KEYS) + " |")

@@ -465,7 +465,7 @@ class DecoderRunner:
         hkv, d = self.num_kv_heads, self.head_dim
         # every row holds state.steps + 1 suffix entries now: the torch path reads no more (the
         # kernel stops at each row's length itself, over shapes a CUDA graph can keep)
-        # (likewise the prompts' KV: a pool's whole buffer on CUDA, the batch's tokens here)
+        # (likewise the prompts' KV: the state's whole buffer on CUDA, the batch's tokens here)
         cuda = state.suffix_k.is_cuda
         s = state.suffix_k.shape[2] if cuda else state.steps + 1
         t = None if cuda else state.prefix_tokens

@@ -78,7 +78,6 @@ class RecommenderBackend:
         self.index = index
         self.fingerprint = index.fingerprint()
         self.sids = [list(index.sid(i)) for i in range(index.num_items)]
-        self.pool = None
         if static and hasattr(self.runner, "reserve"):  # HFRunner: no static decode step
             self.pool = self.runner.reserve(cfg.max_batch_size, self.longest_prompt(),
                                             cfg.max_batch_rows, self.constraints["direct"].max_len)
@@ -92,15 +91,17 @@ class RecommenderBackend:
         text = self.prompts["direct"]([item] * self.cfg.max_history)
         return len(encode_prompts(self.tokenizer, [text])[0])
 
+    def buckets(self, beams: int) -> list:
+        """The wave sizes of `beams` beams that static batches run (batch_buckets)."""
+        return batch_buckets(self.cfg.max_batch_size, self.cfg.max_batch_rows, beams)
+
     def warmup(self) -> None:
         """One wave per beam count (per batch bucket with static batches: the CUDA graphs are
         captured here), and each other path once (kernels compiled, caches and allocator warm
         before the first request); then no more captures."""
         cfg = self.cfg
         for beams in cfg.warmup_beams:
-            sizes = batch_buckets(cfg.max_batch_size, cfg.max_batch_rows, beams) \
-                if self.pool is not None else [1]
-            for b in sizes:
+            for b in self.buckets(beams) if self.pool is not None else [1]:
                 self.run([[0]] * b, "direct", beams, "full")
         beams = cfg.warmup_beams[0]
         self.run([[0]], "direct", beams, "sid")
@@ -119,8 +120,7 @@ class RecommenderBackend:
         return None if pool is None else {
             "bytes": pool.nbytes(), "prompts": pool.prompts, "prompt_len": pool.prompt_len,
             "rows": pool.rows, "suffix_capacity": pool.suffix_capacity, "misses": pool.misses,
-            "batch_buckets": {b: batch_buckets(self.cfg.max_batch_size, self.cfg.max_batch_rows, b)
-                              for b in self.cfg.warmup_beams}}
+            "batch_buckets": {b: self.buckets(b) for b in self.cfg.warmup_beams}}
 
     @property
     def eager_steps(self) -> int:
@@ -139,9 +139,7 @@ class RecommenderBackend:
         if mode == "direct":
             b = len(texts)
             if self.pool is not None:  # pad to the wave's bucket: the shape a graph was made for
-                cfg = self.cfg
-                sizes = batch_buckets(cfg.max_batch_size, cfg.max_batch_rows, num_beams)
-                texts += texts[-1:] * (next((s for s in sizes if s >= b), b) - b)
+                texts += texts[-1:] * (next((s for s in self.buckets(num_beams) if s >= b), b) - b)
             # with the pool: one beam search per wave (the pool holds its KV already; a wave
             # split by free memory would run shapes warm-up never captured)
             items, scores = recommend(self.model, self.tokenizer, con, texts,
