@@ -280,7 +280,7 @@ def test_checkpointing_recomputes_even_in_eval_mode():
     """A policy straight from sampling (or from_pretrained) is in eval mode, where transformers
     would not checkpoint: checkpointing() still makes the pass keep only the layers' inputs
     (far fewer saved elements), changes no log-prob, and leaves every module's mode as it was."""
-    from gream_fast.train.group_pack import group_attention_mode, pack_groups
+    from gream_fast.train.group_pack import pack_groups, packed_pass_mode
     from gream_fast.train.srpo import checkpointing, response_logprobs
 
     model, con = setup(seed=3)
@@ -290,7 +290,7 @@ def test_checkpointing_recomputes_even_in_eval_mode():
     saved, logps = {}, {}
     for on in (False, True):
         sizes = []
-        with checkpointing(model, on), group_attention_mode(model), \
+        with checkpointing(model, on), packed_pass_mode(model), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
                                                          lambda t: t):
             logps[on] = response_logprobs(model, batch, con, "full", starts)

@@ -20,13 +20,15 @@ embedding, MLP) and replaces what HF's machinery costs in generation:
 Other architectures go through `HFRunner`: the HF forward, slower but correct.
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from gream_fast.errors import InvalidInputError
-from gream_fast.kernels.prefix_attention import cpu_plan, shared_prefix_attention
+from gream_fast.kernels.prefix_attention import CPUPlan, cpu_plan, shared_prefix_attention
+from gream_fast.model import fused_cpu
 from gream_fast.profiling import phase
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -120,9 +122,20 @@ class KVState:
 
     def _regroup(self) -> None:
         """row_cu from row_prompt, in place; index_add_ rather than bincount: no host sync."""
+        self._layout_plan = None
         counts = torch.zeros(len(self.prompt_lens), dtype=torch.int64, device=self.row_cu.device)
         counts.index_add_(0, self.row_prompt, torch.ones_like(self.row_prompt))
         self.row_cu[1:] = torch.cumsum(counts, 0)
+
+    def cpu_plan(self) -> CPUPlan:
+        """The CPU attention's plan for this step (after its entry was counted): what comes
+        from the prompts and rows is derived once per batch layout (restart, select), and
+        every live row holds steps + 1 suffix entries (rows advance together), so no row's
+        suffix is masked."""
+        if self._layout_plan is None:
+            self._layout_plan = cpu_plan(self.prefix_cu, self.row_cu, self.lens[:self.num_rows],
+                                         self.prefix_k[0].dtype)
+        return dataclasses.replace(self._layout_plan, S=self.steps + 1)
 
     def reorder(self, parents: torch.Tensor) -> None:
         """Row r continues row parents[r] (of the same prompt): copy the suffixes, no prompt KV."""
@@ -213,6 +226,8 @@ class KVPool:
 
 def rotate(x, cos, sin):
     """Rotary embedding (the rotate-half convention of the HF checkpoints): x [T, H, D]."""
+    if fused_cpu.usable(x, cos, sin):
+        return fused_cpu.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), -1)
     return x * cos[:, None] + rot * sin[:, None]
@@ -251,6 +266,8 @@ def rms_norm(norm, x):
     HF's module): the same math, float32 statistics and the weight applied after the cast
     back, as HF does it for half-precision inputs."""
     w = norm.weight
+    if fused_cpu.usable(x, w):
+        return fused_cpu.rms_norm(x, w, norm.variance_epsilon)
     if x.dtype == w.dtype == torch.float32:
         return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
     return w * F.rms_norm(x.float(), w.shape, eps=norm.variance_epsilon).to(x.dtype)
@@ -469,8 +486,7 @@ class DecoderRunner:
         cuda = state.suffix_k.is_cuda
         s = state.suffix_k.shape[2] if cuda else state.steps + 1
         t = None if cuda else state.prefix_tokens
-        plan = None if cuda else cpu_plan(state.prefix_cu, state.row_cu, lens,
-                                          state.prefix_k[0].dtype)
+        plan = None if cuda else state.cpu_plan()
         for i, layer in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 state.suffix_k[i].view(-1, hkv, d).index_copy_(0, write, k)
@@ -530,6 +546,16 @@ class TokenState:
     @property
     def rows(self) -> int:
         return self.generated.shape[0]
+
+    def cpu_plan(self) -> CPUPlan:
+        """The CPU attention's plan for this step (after its entry was counted): what comes
+        from the prompts and rows is derived once per batch layout (restart, select), and
+        every live row holds steps + 1 suffix entries (rows advance together), so no row's
+        suffix is masked."""
+        if self._layout_plan is None:
+            self._layout_plan = cpu_plan(self.prefix_cu, self.row_cu, self.lens[:self.num_rows],
+                                         self.prefix_k[0].dtype)
+        return dataclasses.replace(self._layout_plan, S=self.steps + 1)
 
     def reorder(self, parents: torch.Tensor) -> None:
         self.generated[:, :self.steps] = self.generated[parents, :self.steps]

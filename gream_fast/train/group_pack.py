@@ -11,7 +11,8 @@ that is 178 tokens instead of 1,330.
 The attention is kernels.group_attention (a GroupLayout of per-token key ranges: memory linear
 in the tokens, no [N, N] mask, work ~P^2/2 + n*R*P + n*R^2/2 instead of (P + nR)^2 / 2), put
 into the Hugging Face model through its attention interface for the duration of the pass
-(group_attention_mode): the model's own layers, projections, norms and RoPE run unchanged.
+(packed_pass_mode): the model's own layers and projections run unchanged (on the CPU in
+float32 its norms and RoPE run model.fused_cpu's kernels: the same math, one pass each).
 
 Each response token is predicted by the hidden state before it: the prompt's last token for a
 response's first token, else the response's previous token.
@@ -27,6 +28,7 @@ import torch
 
 from gream_fast.errors import InvalidInputError
 from gream_fast.kernels.group_attention import GroupLayout, group_attention, group_layout
+from gream_fast.model.fused_cpu import fused_ops
 
 ATTENTION = "gream_group"  # the name our attention is registered under in transformers
 
@@ -147,9 +149,11 @@ _registered = False
 
 
 @contextlib.contextmanager
-def group_attention_mode(model):
-    """The model's attention is the group attention inside the block (registered once with
-    transformers' AttentionInterface; the model's setting restored after)."""
+def packed_pass_mode(model):
+    """The model as a packed pass runs it: its attention is the group attention (registered
+    once with transformers' AttentionInterface; the model's setting restored after) and, on
+    float32 CPU tensors, its norms and RoPE model.fused_cpu's kernels. A backward that
+    recomputes (checkpointing) must run inside too."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
@@ -160,7 +164,8 @@ def group_attention_mode(model):
     before = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:
-        yield
+        with fused_ops(model):
+            yield
     finally:
         config._attn_implementation = before
 
@@ -170,7 +175,7 @@ def response_hidden(model, batch: GroupBatch) -> torch.Tensor:
     one forward of the packed groups through `model`'s base decoder."""
     dev = next(model.parameters()).device
     layout = batch.layout.to(dev)
-    with group_attention_mode(model):
+    with packed_pass_mode(model):
         out = model.model(input_ids=batch.input_ids.to(dev),
                           position_ids=batch.position_ids.to(dev), use_cache=False,
                           gream_layout=layout)

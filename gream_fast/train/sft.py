@@ -44,6 +44,7 @@ import torch
 from gream_fast.config import check_ranges
 from gream_fast.errors import DataError, FormatError, InvalidInputError
 from gream_fast.files import atomic_dir, atomic_path, check_output, claim_dir, write_json
+from gream_fast.model.fused_cpu import fused_ops
 from gream_fast.tasks.chat import IGNORE_INDEX
 from gream_fast.train.loss import chunked_cross_entropy
 
@@ -626,7 +627,8 @@ def _train(cfg: SFTConfig, progress: bool, world, device) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not progress)
     started, window_t, window_tokens, window_steps = time.perf_counter(), time.perf_counter(), 0, 0
     last = {}
-    with open(metrics_path if world.is_main else os.devnull, "a") as log:
+    # (fused_ops: the model's norms and RoPE as one kernel each on float32 CPU tensors)
+    with open(metrics_path if world.is_main else os.devnull, "a") as log, fused_ops(model):
         while step < stop:
             micro = range(step * cfg.grad_accum, min((step + 1) * cfg.grad_accum, total_micro))
             slices = [slice((k % per_epoch) * cfg.batch_size,

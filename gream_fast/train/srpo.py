@@ -32,7 +32,7 @@ from gream_fast.kernels import group_advantage, sid_logprob
 from gream_fast.profiling import phase
 from gream_fast.train import distributed
 from gream_fast.train.distributed import World
-from gream_fast.train.group_pack import (group_attention_mode, pack_groups, response_hidden,
+from gream_fast.train.group_pack import (pack_groups, packed_pass_mode, response_hidden,
                                          split_groups)
 from gream_fast.train.loss import token_logprobs
 from gream_fast.train.rewards import (EXACT_REWARD, ThinkFormat, gated_sid_reward,
@@ -352,8 +352,8 @@ def srpo_update(policy, ref_model, optimizer, prompts, responses, rewards, start
     for i, (packs, tokens, normalizer) in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
         share = tokens / max(step_tokens, 1.0)  # the mini-batch's part of the step's tokens
-        # (the group attention stays the model's through the backward: checkpointing recomputes)
-        with checkpointing(policy, cfg.checkpointing), group_attention_mode(policy):
+        # (the packed pass's mode stays on through the backward: checkpointing recomputes)
+        with checkpointing(policy, cfg.checkpointing), packed_pass_mode(policy):
             for j, (batch, flat, w) in enumerate(packs):
                 with autocast, phase("gream.logprob_pass"):
                     logp = logprob_fn(batch, constraint, cfg.score, starts[flat])
