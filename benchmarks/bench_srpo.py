@@ -28,7 +28,8 @@ table reports draws and kept groups. TRL updates on all P x n completions whatev
 no work it does). Reasoning mode uses a format that needs no think block (a random model never
 writes one), so rewards vary; a random model rarely samples the marker or EOS, so both sides
 think for about the whole budget. On CPU both run the kernels' torch references (never Triton's
-interpreter, even under pytest's TRITON_INTERPRET=1).
+interpreter, even under pytest's TRITON_INTERPRET=1); ours runs the model's RMSNorm and RoPE
+through model.fused_cpu's numba kernels there (TRL: transformers' own modules).
 
 Shapes: CUDA = Qwen3-0.6B in bf16 (weights, optimizer state and both passes; no autocast),
 64 prompts x 10, 128-token prompts, 20k items x 4 levels x 256 codes (direct: 5-token

@@ -547,16 +547,6 @@ class TokenState:
     def rows(self) -> int:
         return self.generated.shape[0]
 
-    def cpu_plan(self) -> CPUPlan:
-        """The CPU attention's plan for this step (after its entry was counted): what comes
-        from the prompts and rows is derived once per batch layout (restart, select), and
-        every live row holds steps + 1 suffix entries (rows advance together), so no row's
-        suffix is masked."""
-        if self._layout_plan is None:
-            self._layout_plan = cpu_plan(self.prefix_cu, self.row_cu, self.lens[:self.num_rows],
-                                         self.prefix_k[0].dtype)
-        return dataclasses.replace(self._layout_plan, S=self.steps + 1)
-
     def reorder(self, parents: torch.Tensor) -> None:
         self.generated[:, :self.steps] = self.generated[parents, :self.steps]
 
