@@ -1,7 +1,7 @@
 """`gream-fast demo [--profile quick|default|full] [--out RUN_DIR]`: every stage on MovieLens-100K
 with the tiny model, under one run folder, ending in a report (report.json, report.md, SVG
-training curves). Profiles (PROFILES): quick (a smoke run, ~2 minutes), default (~9 minutes on
-a 2-core CPU), full (~17 minutes: the settings chosen on validation users, FULL).
+training curves). Profiles (PROFILES): quick (a smoke run, ~2 minutes), default (~8 minutes on
+a 2-core CPU), full (~13 minutes: the settings chosen on validation users, FULL).
 
 Stages and their outputs (a stage whose output exists is skipped, so a rerun resumes; an SFT or
 SRPO run that was cut off continues from its newest checkpoint):
@@ -501,14 +501,18 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="every stage on MovieLens-100K with the tiny model, "
                                            "then a report (markdown, JSON, SVG curves)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="default",
-                   help="quick: a ~2-minute smoke run; default: ~9 minutes on a 2-core CPU; "
-                        "full: the settings chosen on validation users, ~17 minutes")
+                   help="quick: a ~2-minute smoke run; default: ~8 minutes on a 2-core CPU; "
+                        "full: the settings chosen on validation users, ~13 minutes")
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes it)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of every stage (index, data subsets, SFT, SRPO, bootstrap): "
+                        "runs with several show the spread that the intervals do not")
 
     def go(args):
-        run(make_config(args.out, args.quick, args.device, profile=args.profile))
+        run(make_config(args.out, args.quick, args.device, profile=args.profile,
+                        seed=args.seed))
 
     p.set_defaults(run=go)
 
