@@ -69,7 +69,6 @@ def test_bad_groups():
 def test_packed_pass_equals_sdpa_with_the_dense_mask():
     """The group attention inside the model gives the hidden states of SDPA with the layout's
     [N, N] mask (what the pass used before it had no mask)."""
-
     prompts, responses = data(2)
     model = tiny(3)
     batch = pack_groups(prompts, responses)

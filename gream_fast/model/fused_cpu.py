@@ -103,29 +103,28 @@ def _rms_norm_bwd(g, x, w, rstd, gx, gw_parts):
 _RMS_FWD, _RMS_BWD = _compiled(_rms_norm_fwd), _compiled(_rms_norm_bwd)
 
 
-def _rms_forward(x2, weight, eps):
-    """(y, 1/rms per row) of x2 [N, H] contiguous."""
+def _rms_forward(x, weight, eps):
+    """(y shaped as x, x as rows [N, H] contiguous, 1/rms per row)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty_like(x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32)
     _pick(_RMS_FWD, x2)(_np(x2), _np_param(weight), np.float32(eps), y.numpy(), rstd.numpy())
-    return y, rstd
+    return y.view(x.shape), x2, rstd
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y, rstd = _rms_forward(x2, weight, eps)
+        y, x2, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x2, weight, rstd = ctx.saved_tensors
         gx = torch.empty_like(x2)
-        big = x2.numel() >= PARALLEL_MIN
-        parts = torch.zeros(max(1, min(numba.get_num_threads() if big else 1, len(x2))),
-                            x2.shape[1])
+        threads = numba.get_num_threads() if x2.numel() >= PARALLEL_MIN else 1
+        parts = torch.zeros(max(1, min(threads, len(x2))), x2.shape[1])  # dw per thread
         _pick(_RMS_BWD, x2)(_np(g.reshape(x2.shape).contiguous()), _np(x2), _np_param(weight),
                             rstd.numpy(), gx.numpy(), parts.numpy())
         return gx.view(g.shape), parts.sum(0), None
@@ -135,7 +134,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2, -1) + eps), x [..., H] and weight [H] float32 on the CPU."""
     if _needs_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps)
-    return _rms_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps)[0].view(x.shape)
+    return _rms_forward(x, weight, eps)[0]
 
 
 # -- rotary embedding -------------------------------------------------------------------------
