@@ -19,8 +19,8 @@ SRPO run that was cut off continues from its newest checkpoint):
                                             on validation, would be optimistic there)
   sft_continued   sft_continued/final       the control: sft_curriculum trained on for about
                                             SRPO's wall time with SFT instead (its rows again)
-  eval            eval/*.json               validation and test metrics of every model in both
-                                            modes; per-user rankings in eval/STAGE/MODE/
+  eval            eval/STAGE/MODE/          validation and test metrics of every model in both
+                                            modes, and the per-user rankings behind them
 
 The SFT subset: the full task files are far too large for a CPU run (ML-100K gives ~100k
 alignment rows per pass and ~94k CoT rows), so the demo draws a seeded random subset of
@@ -429,9 +429,11 @@ def run(cfg: DemoConfig) -> dict:
     results = {}
     for name in MODEL_STAGES:
         mine = [j for j in jobs if j[0] == name]
-        paths = {j: eval_dir / f"{j[0]}-{j[1]}-{j[2]}.json" for j in mine}
+        # evaluate() writes the per-user rankings, then the metrics beside them
+        paths = {j: ranking_file(eval_dir, *j).with_name(f"eval_{j[2]}_metrics.json")
+                 for j in mine}
 
-        def done(j, paths=paths):  # the metrics and the per-user rankings behind them
+        def done(j, paths=paths):
             return paths[j].exists() and ranking_file(eval_dir, *j).exists()
 
         def evaluate_model(name=name, mine=mine, paths=paths, done=done):
@@ -445,11 +447,10 @@ def run(cfg: DemoConfig) -> dict:
                 users = cfg.eval_users if j[1] == "direct" else cfg.reasoning_users
                 print(f"[demo]   eval {name} {j[1]} on {j[2]} ({users or 'all'} users)",
                       flush=True)
-                m = evaluate(model, tokenizer, dataset, sem_index, mode=j[1], split=j[2], ks=KS,
-                             num_beams=cfg.num_beams, max_users=users,
-                             think_budget=cfg.think_budget, seed=cfg.seed, progress=False,
-                             out=ranking_file(eval_dir, *j).parent)
-                write_json(paths[j], m)
+                evaluate(model, tokenizer, dataset, sem_index, mode=j[1], split=j[2], ks=KS,
+                         num_beams=cfg.num_beams, max_users=users,
+                         think_budget=cfg.think_budget, seed=cfg.seed, progress=False,
+                         out=paths[j].parent)
 
         stage(f"eval.{name}", lambda mine=mine, done=done: all(done(j) for j in mine),
               evaluate_model)

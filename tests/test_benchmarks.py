@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # bench_advantage is left out: under the interpreter it would time Triton in Python (minutes);
 # gpu_check.sh runs it on a GPU.
-@pytest.mark.parametrize("name", ["bench_trie", "bench_data"])
+@pytest.mark.parametrize("name", ["bench_trie", "bench_data", "bench_fused_cpu"])
 def test_benchmark_runs_and_records(name, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OUT", raising=False)
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
