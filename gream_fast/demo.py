@@ -1,7 +1,7 @@
 """`gream-fast demo [--profile quick|default|full] [--out RUN_DIR]`: every stage on MovieLens-100K
 with the tiny model, under one run folder, ending in a report (report.json, report.md, SVG
 training curves). Profiles (PROFILES): quick (a smoke run, ~2 minutes), default (~8 minutes on
-a 2-core CPU), full (~13 minutes: the settings chosen on validation users, FULL).
+a 2-core CPU), full (~25 minutes: the settings chosen on validation users, FULL).
 
 Stages and their outputs (a stage whose output exists is skipped, so a rerun resumes; an SFT or
 SRPO run that was cut off continues from its newest checkpoint):
@@ -101,13 +101,15 @@ QUICK = dict(align_passes=1, fusion_per_pass=200, index_iters=5, align_rows=192,
              think_budget=8)
 
 
-# full: the SFT length chosen on validation users (benchmarks/RESULTS.md, 2026-12-07): the
-# default's 500 curriculum steps see ~1/4 of an epoch of sft_curriculum.jsonl; one epoch (2,000
-# steps) raised validation Recall@10 from 0.097 to 0.116, two epochs (0.110) and 2,000 alignment
-# steps before it (0.115) did not add to that; the same model's top 10 of a 20-beam search
-# (SRPO's validation) scored 0.124. SRPO twice as long, the control matched to it.
-FULL = dict(sft_curriculum_steps=2000, srpo_steps=32, srpo_eval_every=8,
-            sft_continued_steps=500, num_beams=20)
+# full: settings chosen on validation users (benchmarks/RESULTS.md, 2026-12-07). SFT: one
+# epoch of the curriculum file, not a quarter (validation Recall@10 0.097 -> 0.116 with 10
+# beams; a second epoch of the same rows did not add), then twice the rows for one epoch
+# (48,000 alignment + 12,000 CoT rows, 4,000 steps: 0.126 -> 0.137 with 20 beams; three times
+# the rows: 0.128; lr 4e-3: 0.130); 20 beams (the top 10 of 20 scored 0.124 where 10 beams
+# scored 0.116; 40: no better). SRPO: twice the steps at lr 5e-6, from this SFT start where lr
+# 2e-5 lowered validation Recall@10 on two seeds; the control matched to its wall time.
+FULL = dict(align_rows=48_000, cot_rows=12_000, sft_curriculum_steps=4000, srpo_steps=32,
+            srpo_lr=5e-6, srpo_eval_every=8, sft_continued_steps=500, num_beams=20)
 PROFILES = {"quick": QUICK, "default": {}, "full": FULL}
 
 
@@ -503,7 +505,7 @@ def add_cli(subparsers) -> None:
                                            "then a report (markdown, JSON, SVG curves)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="default",
                    help="quick: a ~2-minute smoke run; default: ~8 minutes on a 2-core CPU; "
-                        "full: the settings chosen on validation users, ~13 minutes")
+                        "full: the settings chosen on validation users, ~25 minutes")
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes it)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
