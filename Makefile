@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/bench_advantage.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_rq.py
+	$(PY) benchmarks/bench_fused_cpu.py
 
 clean:
 	rm -rf build *.egg-info gream_fast/_trie*.so $(VENV)/.built

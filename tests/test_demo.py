@@ -64,3 +64,17 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, monkeypatch):
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     assert time.perf_counter() - t0 < 30  # every stage reused
     assert json.loads((out / "report.json").read_text())["stages"] == stages
+
+
+def test_profiles_and_overrides():
+    """A profile's sizes, then explicit overrides; an unknown profile is refused by name."""
+    from gream_fast.demo import FULL, make_config
+    from gream_fast.errors import InvalidInputError
+
+    full = make_config("runs/x", profile="full", seed=3)
+    assert all(getattr(full, k) == v for k, v in FULL.items())
+    assert (full.seed, full.profile) == (3, "full")
+    assert make_config("runs/x", profile="full", num_beams=10).num_beams == 10
+    assert make_config("runs/x", quick=True).profile == "quick"
+    with pytest.raises(InvalidInputError, match="--profile.*'fast'"):
+        make_config("runs/x", profile="fast")
