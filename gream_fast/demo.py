@@ -1,7 +1,7 @@
 """`gream-fast demo [--profile quick|default|full] [--out RUN_DIR]`: every stage on MovieLens-100K
 with the tiny model, under one run folder, ending in a report (report.json, report.md, SVG
 training curves). Profiles (PROFILES): quick (a smoke run, ~2 minutes), default (~8 minutes on
-a 2-core CPU), full (~25 minutes: the settings chosen on validation users, FULL).
+a 2-core CPU), full (~20 minutes: the settings chosen on validation users, FULL).
 
 Stages and their outputs (a stage whose output exists is skipped, so a rerun resumes; an SFT or
 SRPO run that was cut off continues from its newest checkpoint):
@@ -505,7 +505,7 @@ def add_cli(subparsers) -> None:
                                            "then a report (markdown, JSON, SVG curves)")
     p.add_argument("--profile", choices=tuple(PROFILES), default="default",
                    help="quick: a ~2-minute smoke run; default: ~8 minutes on a 2-core CPU; "
-                        "full: the settings chosen on validation users, ~25 minutes")
+                        "full: the settings chosen on validation users, ~20 minutes")
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--out", default="runs/demo", help="run folder (a rerun resumes it)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
