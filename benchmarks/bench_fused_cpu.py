@@ -10,7 +10,8 @@ Shapes (tokens T of one packed pass):
   0.6b    the Qwen3-0.6B block: hidden 1,024, 16 query / 8 KV heads of 128, T = 2,048 (quick:
           T = 512)
 RMSNorm runs on [T, hidden]; the rotary embedding on q [1, Hq, T, D] and k [1, Hkv, T, D] as the
-attention calls it (views of the projections' [1, T, heads, D] outputs).
+attention calls it (views of the projections' [1, T, heads, D] outputs). fwd: without autograd
+(inference); fwd+bwd: the training forward, then its backward.
 
 What bounds it: memory traffic. Each kernel is one pass over its rows, so the reference point
 is the time to move its bytes once: each of our rows' notes gives torch's copy_ of the same
@@ -45,14 +46,21 @@ def _copy_floor(nbytes: int, repeat: int) -> float:
     return time_fn(lambda: dst.copy_(src), repeat=repeat)["median"]
 
 
-def _fwd_bwd(fn, inputs, grads):
-    def run():
+def _timed(fn, inputs, grads):
+    """fn as a case runs it: without grads, a forward without autograd (inference); with them,
+    the training forward, then the backward of those output gradients into inputs."""
+    if not grads:
+        def forward():
+            with torch.no_grad():
+                fn()
+        return forward
+
+    def forward_backward():
         for t in inputs:
             t.grad = None
         outs = fn()
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(outs, grads)
-    return run
+        torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grads)
+    return forward_backward
 
 
 def _check(ours, ref, what):
@@ -85,9 +93,10 @@ def main(argv=None):
             hf = lambda: norm(x)  # noqa: E731
             _check(ours(), hf(), f"rms_norm {name}")
             nbytes = x.numel() * 4
-            cases = [("rms_norm fwd", ours, hf, 2 * nbytes, (), ()),  # read x, write y
+            # (case, ours, HF's, bytes moved at least, inputs, our output grads, HF's)
+            cases = [("rms_norm fwd", ours, hf, 2 * nbytes, (), (), ()),  # read x, write y
                      # backward reads g and x, writes dx (dw is one row per thread)
-                     ("rms_norm fwd+bwd", ours, hf, 5 * nbytes, (x, norm.weight), (g,))]
+                     ("rms_norm fwd+bwd", ours, hf, 5 * nbytes, (x, norm.weight), (g,), (g,))]
             # rotary: q / k as the attention passes them, cos / sin [1, T, D]
             q = randn(1, t, hq, d).transpose(1, 2).requires_grad_()
             k = randn(1, t, hkv, d).transpose(1, 2).requires_grad_()
@@ -103,13 +112,11 @@ def main(argv=None):
             qk_bytes = (q.numel() + k.numel()) * 4
             gq, gk = randn(t, hq, d), randn(t, hkv, d)  # HF's outputs' layout: their transposes
             hf_grads = (gq[None].transpose(1, 2), gk[None].transpose(1, 2))
-            cases += [("rotary q,k fwd", rot, hf_rot, 2 * qk_bytes, (), ()),
+            cases += [("rotary q,k fwd", rot, hf_rot, 2 * qk_bytes, (), (), ()),
                       ("rotary q,k fwd+bwd", rot, hf_rot, 4 * qk_bytes, (q, k), (gq, gk),
                        hf_grads)]
-            for case, mine, theirs, moved, inputs, grads, *their_grads in cases:
-                if inputs:
-                    mine = _fwd_bwd(mine, inputs, grads)
-                    theirs = _fwd_bwd(theirs, inputs, their_grads[0] if their_grads else grads)
+            for case, mine, theirs, moved, inputs, grads, hf_grads in cases:
+                mine, theirs = _timed(mine, inputs, grads), _timed(theirs, inputs, hf_grads)
                 label = f"{case}, {name} (T={t})"
                 with nvtx(f"fused_cpu/{label}/hf"):
                     t_hf = time_fn(theirs, repeat=args.repeat)["median"]
