@@ -115,8 +115,8 @@ def main(argv=None):
             cases += [("rotary q,k fwd", rot, hf_rot, 2 * qk_bytes, (), (), ()),
                       ("rotary q,k fwd+bwd", rot, hf_rot, 4 * qk_bytes, (q, k), (gq, gk),
                        hf_grads)]
-            for case, mine, theirs, moved, inputs, grads, hf_grads in cases:
-                mine, theirs = _timed(mine, inputs, grads), _timed(theirs, inputs, hf_grads)
+            for case, mine, theirs, moved, inputs, grads, their_grads in cases:
+                mine, theirs = _timed(mine, inputs, grads), _timed(theirs, inputs, their_grads)
                 label = f"{case}, {name} (T={t})"
                 with nvtx(f"fused_cpu/{label}/hf"):
                     t_hf = time_fn(theirs, repeat=args.repeat)["median"]
