@@ -86,7 +86,10 @@ def mixture(n, d, k, seed, device="cpu", modes=None, std=0.6):
 
 LEVEL_DATA = {  # name: mixture() arguments given k
     "mixture": lambda k: {},
-    "clusters": lambda k: {"modes": 3 * k // 2, "std": 0.3},
+    # tight clusters, more and fewer of them than codes (as tests/test_balanced_kmeans.py):
+    # the balance must split some clusters and merge parts of others
+    "clusters 1.5K": lambda k: {"modes": 3 * k // 2, "std": 0.3},
+    "clusters 0.4K": lambda k: {"modes": 2 * k // 5, "std": 0.2},
 }
 
 

@@ -311,19 +311,25 @@ def _repair(x, c, a, own, lo, hi):
 
 DENSE_MAX = 1 << 26  # N * K up to which the N x K distance matrix is held (the exact path)
 HAND_OFF = 0.03  # price rounds stop once fewer than this fraction of the points must move
+# On the matrix a price round costs about as much as ~150 shortest paths (a path moves one
+# point): the rounds go on, up to MAX_ROUNDS, while two of them take at least STALL * N of
+# the points that must move off the paths' hands, and stop once they stall (tight clusters
+# fewer than the codes stall the rounds for most of a level, and used to spend them all).
+MAX_ROUNDS = 40
+STALL = 0.01
 
 
 def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bool = False):
     """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices).
     While N * K <= DENSE_MAX: the min-cost such assignment (price rounds on the distance
-    matrix until few points must move, then shortest paths); the prices returned are its
+    matrix until few points must move or the rounds stall, then shortest paths); the prices returned are its
     dual prices, the next Lloyd iteration's start. Above: price rounds with the fused assign
     kernel (two warm, six cold), then the greedy repair."""
     n, k = x.shape[0], c.shape[0]
     lo, hi = size_bounds(n, k)
     small = n * k <= DENSE_MAX  # the same on every device: same seed, same result
-    if rounds is None:  # on the matrix a price round costs about as much as ~100 paths
-        rounds = 12 if small else 6 if prices is None else 2
+    if rounds is None:
+        rounds = MAX_ROUNDS if small else 6 if prices is None else 2
     prices = torch.zeros(k, device=x.device) if prices is None else prices
     if small:
         # ||x||^2 is the same for every cluster of a row: argmins, prices, repair and polish
@@ -347,6 +353,7 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     step = 0.5 * float(d.mean()) / max(target, 1.0) ** 0.5
     best, feasible = (float("inf"), a, prices, d), False
     hand_off = HAND_OFF * n if small else 0.0  # few enough points to move by paths
+    must = []  # per round: the points that must move to fit the bounds
     for r in range(rounds + 1):
         counts = torch.bincount(a, minlength=k)
         if int(counts.max()) <= hi and int(counts.min()) >= lo:
@@ -357,8 +364,9 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
             best = (off, a, prices, d)
         else:
             step *= 0.5
-        if r == rounds or int((counts - hi).clamp(min=0).sum() + (lo - counts).clamp(min=0).sum()) \
-                <= hand_off:  # the points that must move
+        must.append(int((counts - hi).clamp(min=0).sum() + (lo - counts).clamp(min=0).sum()))
+        stalled = small and r >= 2 and must[-3] - must[-1] < STALL * n
+        if r == rounds or must[-1] <= hand_off or stalled:
             break
         prices = prices + step * (counts.float() - target) / target
         a, d = nearest(prices)
