@@ -311,10 +311,10 @@ def _repair(x, c, a, own, lo, hi):
 
 DENSE_MAX = 1 << 26  # N * K up to which the N x K distance matrix is held (the exact path)
 HAND_OFF = 0.03  # price rounds stop once fewer than this fraction of the points must move
-# On the matrix a price round costs about as much as ~150 shortest paths (a path moves one
-# point): the rounds go on, up to MAX_ROUNDS, while two of them take at least STALL * N of
-# the points that must move off the paths' hands, and stop once they stall (tight clusters
-# fewer than the codes stall the rounds for most of a level, and used to spend them all).
+# On the matrix a price round costs about as much as ~150 shortest paths (each moves a point
+# per edge): the rounds go on, up to MAX_ROUNDS, while two of them take at least STALL * N of
+# the points that must move off the paths' hands, and stop once they stall (as they do for
+# most of a level on tight clusters fewer than the codes).
 MAX_ROUNDS = 40
 STALL = 0.01
 
@@ -322,8 +322,8 @@ STALL = 0.01
 def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bool = False):
     """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices).
     While N * K <= DENSE_MAX: the min-cost such assignment (price rounds on the distance
-    matrix until few points must move or the rounds stall, then shortest paths); the prices returned are its
-    dual prices, the next Lloyd iteration's start. Above: price rounds with the fused assign
+    matrix until few points must move or the rounds stall, then shortest paths); the prices
+    returned are its dual prices, the next Lloyd iteration's start. Above: price rounds with the fused assign
     kernel (two warm, six cold), then the greedy repair."""
     n, k = x.shape[0], c.shape[0]
     lo, hi = size_bounds(n, k)
