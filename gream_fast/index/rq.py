@@ -323,8 +323,8 @@ def balanced_assign(x, c, prices=None, rounds: int | None = None, allow_tf32: bo
     """Assignment with every cluster size in size_bounds(n, k); returns (codes, prices).
     While N * K <= DENSE_MAX: the min-cost such assignment (price rounds on the distance
     matrix until few points must move or the rounds stall, then shortest paths); the prices
-    returned are its dual prices, the next Lloyd iteration's start. Above: price rounds with the fused assign
-    kernel (two warm, six cold), then the greedy repair."""
+    returned are its dual prices, the next Lloyd iteration's start. Above: price rounds with
+    the fused assign kernel (two warm, six cold), then the greedy repair."""
     n, k = x.shape[0], c.shape[0]
     lo, hi = size_bounds(n, k)
     small = n * k <= DENSE_MAX  # the same on every device: same seed, same result
